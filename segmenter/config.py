@@ -1,0 +1,297 @@
+"""Experiment configuration: frozen dataclasses loaded from YAML.
+
+Defaults live here; a YAML config names only what it changes. Unknown keys are an error that
+lists the valid ones, and ``--set a.b=value`` overrides are parsed as YAML scalars and
+type-checked against the field they set. This module never imports torch, so a bad config fails
+in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from segmenter.atomic import write_text
+from segmenter.errors import InputError
+
+
+class ConfigError(InputError):
+    """An invalid configuration: unknown key, wrong type, value out of range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training data is.
+
+    Attributes:
+        dataset: path of an nnU-Net raw dataset folder (``DatasetXXX_Name``). A relative path is
+            resolved against the directory the command runs in.
+    """
+
+    dataset: str = ""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Training loss (see ``segmenter.losses`` and DESIGN's exact definitions).
+
+    Attributes:
+        name: ``focal_dice`` (default), ``dice_ce`` (nnU-Net parity), ``dice`` or ``focal``.
+        activation: ``sigmoid`` (one channel per foreground class) or ``softmax``.
+        gamma: focal exponent; 0 with ``alpha=None`` is plain BCE.
+        alpha: focal class balance for the foreground, or None for none.
+        weight: per-class weights of the focal / cross-entropy term, or None.
+        smooth: Dice smoothing added to numerator and denominator.
+        batch_dice: compute Dice over the whole batch instead of per sample (nnU-Net option).
+        include_background: keep channel 0 in the Dice term.
+        lambda_focal: weight of the focal (or cross-entropy) term.
+        lambda_dice: weight of the Dice term.
+        deep_supervision_weights: per-output weights, highest resolution first; None uses
+            nnU-Net's rule (1/2^i, lowest resolution 0, normalised).
+    """
+
+    name: Literal["focal_dice", "dice_ce", "dice", "focal"] = "focal_dice"
+    activation: Literal["sigmoid", "softmax"] = "sigmoid"
+    gamma: float = 2.0
+    alpha: float | None = None
+    weight: tuple[float, ...] | None = None
+    smooth: float = 1e-5
+    batch_dice: bool = False
+    include_background: bool = True
+    lambda_focal: float = 1.0
+    lambda_dice: float = 1.0
+    deep_supervision_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.gamma < 0:
+            raise ConfigError(f"loss.gamma must be >= 0, got {self.gamma}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"loss.alpha must be in [0, 1] or null, got {self.alpha}")
+        if self.smooth < 0:
+            raise ConfigError(f"loss.smooth must be >= 0, got {self.smooth}")
+        if self.lambda_focal < 0 or self.lambda_dice < 0:
+            raise ConfigError("loss.lambda_focal and loss.lambda_dice must be >= 0")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Lesion-level evaluation (see ``segmenter.metrics``).
+
+    Attributes:
+        preset: lesion matching rule: ``isles22`` (default), ``atlas``, ``brats23``, ``msseg``,
+            ``panoptica``.
+        size_bins_mm3: edges of the lesion-size bins for recall by size, in mm3, increasing.
+    """
+
+    preset: Literal["isles22", "atlas", "brats23", "msseg", "panoptica"] = "isles22"
+    size_bins_mm3: tuple[float, ...] = (0.0, 10.0, 100.0, 1000.0, float("inf"))
+
+    def __post_init__(self) -> None:
+        edges = self.size_bins_mm3
+        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ConfigError(
+                f"evaluation.size_bins_mm3 must be at least two increasing edges, got {edges}"
+            )
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment. Sections: ``data``, ``loss``, ``evaluation``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Typed construction from plain dicts
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in the field's own type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            valid = ", ".join(str(c) for c in choices)
+            raise ConfigError(f"{where}: {value!r} is not one of: {valid}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "+inf"):
+            return float("inf")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")  # programming error
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys"
+            f"{' in ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any] | None) -> Config:
+    """Build a :class:`Config` from a plain mapping (as ``yaml.safe_load`` returns).
+
+    Raises:
+        ConfigError: unknown key (the message lists the valid ones) or a wrongly typed value.
+    """
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
+    return _build(Config, values, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, YAML-safe dict of a config dataclass (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``a.b=value`` overrides; each value is parsed as a YAML scalar and type-checked.
+
+    Raises:
+        ConfigError: malformed override, unknown key or a value of the wrong type.
+    """
+    data = config_to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.gamma=2)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        node: dict[str, Any] = data
+        parts = key.split(".")
+        walked: list[str] = []
+        for part in parts[:-1]:
+            walked.append(part)
+            child = node.get(part)
+            if not isinstance(child, dict):
+                valid = ", ".join(k for k, v in node.items() if isinstance(v, dict))
+                raise ConfigError(
+                    f"unknown config section '{'.'.join(walked)}' in override {item!r}; "
+                    f"valid sections: {valid}"
+                )
+            node = child
+        if parts[-1] not in node:
+            section = ".".join(parts[:-1]) or "the top level"
+            raise ConfigError(
+                f"unknown config key '{key}' in override; valid keys in {section}: "
+                f"{', '.join(node)}"
+            )
+        node[parts[-1]] = value
+    return config_from_dict(data)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Load a YAML config (defaults for what it leaves out) and apply ``--set`` overrides.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: ``a.b=value`` strings, applied in order.
+
+    Raises:
+        ConfigError: missing or unparsable file, unknown key, wrong type.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else "parse error"
+            raise ConfigError(f"{p}: not valid YAML ({first})") from None
+        try:
+            cfg = config_from_dict(loaded)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
+        values = config_to_dict(cfg)
+    cfg = config_from_dict(values)
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text (every key, defaults included)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config to ``path`` atomically; it loads back to an equal Config."""
+    write_text(path, dump_config(cfg))
