@@ -80,6 +80,38 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """3D U-Net topology (see ``segmenter.model``).
+
+    Attributes:
+        depth: number of resolution levels (the input level included); each further level halves
+            the patch (nnU-Net's strides of 2).
+        base_filters: feature maps at full resolution; doubled per level up to ``max_filters``.
+        max_filters: cap on feature maps (nnU-Net: 320 in 3D).
+        norm: normalisation layer: ``instance`` (nnU-Net), ``batch`` or ``group``.
+        residual: residual convolution blocks instead of plain conv-norm-act pairs.
+        deep_supervision: also return logits from lower decoder levels (training only).
+        dropout: dropout probability in the blocks (0 disables it).
+    """
+
+    depth: int = 4
+    base_filters: int = 16
+    max_filters: int = 256
+    norm: Literal["instance", "batch", "group"] = "instance"
+    residual: bool = False
+    deep_supervision: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.depth <= 7:
+            raise ConfigError(f"model.depth must be in 2..7, got {self.depth}")
+        if self.base_filters < 1 or self.max_filters < self.base_filters:
+            raise ConfigError("model.base_filters must be >= 1 and <= model.max_filters")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     """Lesion-level evaluation (see ``segmenter.metrics``).
 
@@ -102,9 +134,10 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """A whole experiment. Sections: ``data``, ``loss``, ``evaluation``."""
+    """A whole experiment. Sections: ``data``, ``model``, ``loss``, ``evaluation``."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
