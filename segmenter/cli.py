@@ -69,7 +69,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from segmenter import evaluate
+    from segmenter import evaluate, report
 
     start = time.perf_counter()
     out = Path(args.out) if args.out else Path(args.pred)
@@ -81,7 +81,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=_progress("evaluate"),
     )
-    print(evaluate.format_table(summary))
+    print(report.format_table(summary))
     print(
         f"{summary['n_cases']} cases, preset {args.preset}, "
         f"{time.perf_counter() - start:.1f} s; wrote {out / 'summary.json'} and "
