@@ -27,14 +27,72 @@ class ConfigError(InputError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the training data is.
+    """Training data, patch sampling and loading.
 
     Attributes:
         dataset: path of an nnU-Net raw dataset folder (``DatasetXXX_Name``). A relative path is
             resolved against the directory the command runs in.
+        patch_size: training patch, voxels per axis (a later plan step derives it from data).
+        batch_size: patches per step.
+        foreground_fraction: share of patches centred on a lesion voxel (nnU-Net: 0.33).
+        sampling: ``foreground`` (a random lesion voxel) or ``lesion`` (a lesion chosen
+            uniformly, then a voxel in it, so small lesions are seen as often as large ones).
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        crop_to_nonzero: crop each case to the bounding box of its nonzero voxels.
     """
 
     dataset: str = ""
+    patch_size: tuple[int, ...] = (64, 64, 64)
+    batch_size: int = 2
+    foreground_fraction: float = 0.33
+    sampling: Literal["foreground", "lesion"] = "foreground"
+    num_workers: int = 2
+    crop_to_nonzero: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.patch_size) != 3 or min(self.patch_size) < 8:
+            raise ConfigError(f"data.patch_size must be 3 sizes >= 8, got {self.patch_size}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ConfigError("data.foreground_fraction must be in [0, 1]")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Data augmentation on training patches (cheap on 2 CPU cores).
+
+    Attributes:
+        enabled: switch all augmentation off with false.
+        flip_prob: probability of mirroring along each axis.
+        rotate_scale_prob: probability of a small rotation + scaling of a patch.
+        rotation_deg: maximum absolute rotation per axis, degrees.
+        scale_range: isotropic scaling factor range.
+        brightness_prob: probability of a multiplicative brightness change (0.75..1.25).
+        contrast_prob: probability of a contrast change (0.75..1.25 around the mean).
+        gamma_prob: probability of a gamma change (0.7..1.5) on the rescaled intensities.
+        noise_prob: probability of additive Gaussian noise (std up to 0.1).
+    """
+
+    enabled: bool = True
+    flip_prob: float = 0.5
+    rotate_scale_prob: float = 0.2
+    rotation_deg: float = 15.0
+    scale_range: tuple[float, ...] = (0.85, 1.15)
+    brightness_prob: float = 0.15
+    contrast_prob: float = 0.15
+    gamma_prob: float = 0.15
+    noise_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        probs = (self.flip_prob, self.rotate_scale_prob, self.brightness_prob,
+                 self.contrast_prob, self.gamma_prob, self.noise_prob)  # fmt: skip
+        if any(not 0.0 <= p <= 1.0 for p in probs):
+            raise ConfigError("augment probabilities must be in [0, 1]")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ConfigError(f"augment.scale_range must be [low, high], got {self.scale_range}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +170,87 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the training loop (see ``segmenter.train``).
+
+    Attributes:
+        seed: seeds weights, sampling and augmentation.
+        optimizer: ``adamw`` or ``sgd`` (nnU-Net: SGD, Nesterov, momentum 0.99, lr 1e-2).
+        lr: peak learning rate.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay (nnU-Net: 3e-5).
+        momentum: SGD momentum (Nesterov).
+        scheduler: ``poly`` (nnU-Net, exponent 0.9) or ``cosine``.
+        warmup_epochs: linear warm-up epochs before the schedule.
+        epochs: number of epochs.
+        iterations_per_epoch: optimiser steps per epoch (nnU-Net: 250).
+        max_minutes: wall-clock budget; training ends cleanly at the first epoch boundary past it
+            (and keeps the best checkpoint). null for no budget.
+        grad_clip: max gradient norm (nnU-Net: 12); 0 disables clipping.
+        precision: ``auto`` (bf16 on CPU when it is faster, fp16 on CUDA), ``fp32``, ``bf16``,
+            ``fp16``.
+        val_every: validate every N epochs (and after the last one).
+        n_folds: cross-validation folds in ``splits.json``.
+        best_metric: validation metric that picks ``best.pt``: ``lesion_f1``, ``dice`` or
+            ``lesion_recall``.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        threads: torch CPU threads (null: all cores).
+    """
+
+    seed: int = 0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    scheduler: Literal["poly", "cosine"] = "poly"
+    warmup_epochs: int = 0
+    epochs: int = 100
+    iterations_per_epoch: int = 50
+    max_minutes: float | None = None
+    grad_clip: float = 12.0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    val_every: int = 5
+    n_folds: int = 5
+    best_metric: Literal["lesion_f1", "dice", "lesion_recall"] = "lesion_f1"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.epochs < 1 or self.iterations_per_epoch < 1:
+            raise ConfigError("train.lr, train.epochs and train.iterations_per_epoch must be > 0")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError("train.max_minutes must be > 0 or null")
+        if self.val_every < 1 or self.n_folds < 2:
+            raise ConfigError("train.val_every must be >= 1 and train.n_folds >= 2")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Sliding-window prediction (see ``segmenter.inference``).
+
+    Attributes:
+        overlap: sliding-window overlap fraction (nnU-Net: 0.5).
+        tta: mirroring test-time augmentation over all axis combinations.
+        threshold: foreground probability threshold of the mask.
+        min_lesion_mm3: predicted components smaller than this are removed (mm3).
+        sw_batch_size: windows per forward pass.
+    """
+
+    overlap: float = 0.5
+    tta: bool = True
+    threshold: float = 0.5
+    min_lesion_mm3: float = 0.0
+    sw_batch_size: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"inference.overlap must be in [0, 1), got {self.overlap}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"inference.threshold must be in (0, 1), got {self.threshold}")
+        if self.min_lesion_mm3 < 0 or self.sw_batch_size < 1:
+            raise ConfigError("inference.min_lesion_mm3 must be >= 0, sw_batch_size >= 1")
+
+
+@dataclass(frozen=True)
 class EvaluationConfig:
     """Lesion-level evaluation (see ``segmenter.metrics``).
 
@@ -134,11 +273,15 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """A whole experiment. Sections: ``data``, ``model``, ``loss``, ``evaluation``."""
+    """A whole experiment: ``data``, ``augment``, ``model``, ``loss``, ``train``, ``inference``,
+    ``evaluation``."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 

@@ -1,0 +1,458 @@
+"""Per-case preprocessing: crop to the nonzero region and z-score normalise inside it.
+
+This is nnU-Net's rule for MRI: the nonzero mask of a case is the union over its channels of
+the voxels that are not 0 (holes filled), the case is cropped to the mask's bounding box, and
+each channel is normalised to mean 0 / std 1 with statistics taken inside the mask; voxels
+outside the mask are set to 0. Everything :mod:`segmenter.inference` needs to put a prediction
+back into the scan's own geometry travels with the :class:`PreprocessedCase`.
+
+Resampling to a target spacing belongs to the plan step (a later issue). Its hook is
+:func:`resample_hook`: the one place in the pipeline where a plan plugs in, currently a no-op
+that accepts only ``target_spacing=None`` (or the case's own spacing).
+
+Arrays are numpy, ``(C, X, Y, Z)`` for images and ``(X, Y, Z)`` for labels, in the axis order of
+:mod:`segmenter.io`. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import ndimage as ndi
+from tqdm import tqdm
+
+from segmenter import io
+from segmenter.errors import InputError
+
+if TYPE_CHECKING:
+    from segmenter.data import Case
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------- cropping
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """An axis-aligned box inside a volume.
+
+    Attributes:
+        lo: first voxel index per axis (inclusive).
+        hi: end index per axis (exclusive).
+        shape: shape ``(X, Y, Z)`` of the volume the box lies in.
+    """
+
+    lo: tuple[int, int, int]
+    hi: tuple[int, int, int]
+    shape: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        if not len(self.lo) == len(self.hi) == len(self.shape) == 3:
+            raise ValueError(f"CropBox needs 3 axes, got lo={self.lo} hi={self.hi}")
+        if any(not 0 <= a < b <= n for a, b, n in zip(self.lo, self.hi, self.shape, strict=True)):
+            raise ValueError(f"CropBox {self.lo}..{self.hi} does not fit in shape {self.shape}")
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """Shape of the cropped region."""
+        return tuple(b - a for a, b in zip(self.lo, self.hi, strict=True))  # type: ignore[return-value]
+
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        """Slices selecting the box from an ``(X, Y, Z)`` array."""
+        return tuple(slice(a, b) for a, b in zip(self.lo, self.hi, strict=True))  # type: ignore[return-value]
+
+    @classmethod
+    def whole(cls, shape: Sequence[int]) -> CropBox:
+        """The box covering all of a volume of ``shape``."""
+        s = tuple(int(n) for n in shape)
+        return cls((0, 0, 0), s, s)  # type: ignore[arg-type]
+
+
+def nonzero_bbox(images: np.ndarray) -> CropBox:
+    """Bounding box of the voxels that are nonzero in any channel.
+
+    Args:
+        images: ``(C, X, Y, Z)``.
+
+    Returns:
+        The box; the whole volume when every voxel is 0.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (C, X, Y, Z), got shape {images.shape}")
+    shape = tuple(int(n) for n in images.shape[1:])
+    nonzero = (images != 0).any(axis=0)
+    lo, hi = [], []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(nonzero.any(axis=others))
+        if hits.size == 0:
+            return CropBox.whole(shape)
+        lo.append(int(hits[0]))
+        hi.append(int(hits[-1]) + 1)
+    return CropBox(tuple(lo), tuple(hi), shape)  # type: ignore[arg-type]
+
+
+def crop(arr: np.ndarray, box: CropBox) -> np.ndarray:
+    """Crop the last three axes of ``arr`` (``(..., X, Y, Z)``) to ``box`` (a contiguous copy)."""
+    if tuple(arr.shape[-3:]) != box.shape:
+        raise ValueError(f"array shape {arr.shape} does not end with the box's {box.shape}")
+    return np.ascontiguousarray(arr[(Ellipsis, *box.slices)])
+
+
+def uncrop(arr: np.ndarray, box: CropBox, fill: float = 0) -> np.ndarray:
+    """Put a cropped ``(..., x, y, z)`` array back into the box's volume, ``fill`` outside."""
+    if tuple(arr.shape[-3:]) != box.size:
+        raise ValueError(f"array shape {arr.shape} does not end with the box size {box.size}")
+    out = np.full(arr.shape[:-3] + box.shape, fill, dtype=arr.dtype)
+    out[(Ellipsis, *box.slices)] = arr
+    return out
+
+
+# ---------------------------------------------------------------------------- normalisation
+
+
+@dataclass(frozen=True)
+class ZScoreStats:
+    """Per-channel statistics of :func:`zscore_nonzero`.
+
+    Attributes:
+        mean: mean inside the mask, per channel.
+        std: standard deviation inside the mask, per channel (1.0 where it was 0).
+        mask_voxels: number of voxels in the nonzero mask.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    mask_voxels: int
+
+
+def nonzero_mask(images: np.ndarray) -> np.ndarray:
+    """Voxels that are nonzero in any channel, holes filled (nnU-Net's nonzero mask).
+
+    Args:
+        images: ``(C, X, Y, Z)``.
+
+    Returns:
+        ``(X, Y, Z)`` bool.
+    """
+    mask = (images != 0).any(axis=0)
+    return ndi.binary_fill_holes(mask)
+
+
+def zscore_nonzero(images: np.ndarray) -> tuple[np.ndarray, ZScoreStats]:
+    """Normalise each channel to mean 0, std 1 inside the case's nonzero mask.
+
+    Voxels outside the mask become 0. An all-zero case uses the whole volume as its mask; a
+    constant channel (std 0) is divided by 1.
+
+    Args:
+        images: ``(C, X, Y, Z)`` finite values.
+
+    Returns:
+        The normalised ``(C, X, Y, Z)`` float32 array and the :class:`ZScoreStats`.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (C, X, Y, Z), got shape {images.shape}")
+    mask = nonzero_mask(images)
+    if not mask.any():
+        mask = np.ones_like(mask)
+    outside = ~mask
+    out = np.empty(images.shape, dtype=np.float32)
+    means, stds = [], []
+    for c in range(images.shape[0]):
+        values = images[c][mask].astype(np.float64)
+        mean = float(values.mean())
+        std = float(values.std())
+        if not std > 0:
+            std = 1.0
+        np.subtract(images[c], mean, out=out[c], casting="unsafe")
+        out[c] /= np.float32(std)
+        out[c][outside] = 0.0
+        means.append(mean)
+        stds.append(std)
+    return out, ZScoreStats(tuple(means), tuple(stds), int(mask.sum()))
+
+
+# ------------------------------------------------------------------------- resampling hook
+
+
+def resample_hook(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    spacing: tuple[float, ...],
+    target_spacing: Sequence[float] | None,
+) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]:
+    """RESAMPLING HOOK: where the plan step plugs in resampling to its target spacing.
+
+    Called by :func:`preprocess_arrays` after cropping and before normalisation (nnU-Net's
+    order). Today it only accepts ``target_spacing`` None or equal to ``spacing`` and returns its
+    inputs unchanged; the plan issue implements it (image: cubic/linear, label: linear on
+    one-hot) and extends :meth:`PreprocessedCase.restore` with the inverse.
+
+    Args:
+        image: ``(C, X, Y, Z)`` float32.
+        label: ``(X, Y, Z)`` uint8 or None.
+        spacing: current voxel size in mm.
+        target_spacing: wanted voxel size in mm, or None to keep ``spacing``.
+
+    Returns:
+        ``(image, label, spacing)`` after resampling.
+    """
+    if target_spacing is None or np.allclose(target_spacing, spacing, rtol=1e-5, atol=0):
+        return image, label, spacing
+    raise NotImplementedError(
+        f"resampling to {tuple(target_spacing)} mm is not implemented yet (comes with the plan)"
+    )
+
+
+# --------------------------------------------------------------------------------- per case
+
+
+@dataclass(frozen=True, eq=False)
+class PreprocessedCase:
+    """A case ready for training or inference, and how to map results back.
+
+    Attributes:
+        case_id: the case identifier.
+        image: ``(C, X, Y, Z)`` float32, cropped and z-scored (0 outside the nonzero mask).
+        label: ``(X, Y, Z)`` uint8 on the same grid as ``image`` (cropped), None when unlabelled.
+        box: where ``image`` lies in the original volume.
+        affine: 4x4 voxel-to-RAS+ (mm) matrix of the ORIGINAL (uncropped) image.
+        spacing: voxel size in mm of ``image`` along X, Y, Z.
+        original_shape: ``(X, Y, Z)`` of the original image.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray | None
+    box: CropBox
+    affine: np.ndarray
+    spacing: tuple[float, ...]
+    original_shape: tuple[int, ...]
+
+    def restore(self, arr: np.ndarray, fill: float = 0) -> np.ndarray:
+        """Map an array on this case's grid back to the original image grid.
+
+        Args:
+            arr: ``(..., X, Y, Z)`` on the grid of :attr:`image` (e.g. probabilities or a mask).
+            fill: value outside the crop box.
+
+        Returns:
+            ``(..., *original_shape)``, same dtype.
+        """
+        return uncrop(arr, self.box, fill=fill)
+
+
+def _check_finite(array: np.ndarray, name: str) -> None:
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        n_nan = int(np.isnan(array).sum())
+        n_inf = int(np.isinf(array).sum())
+        raise InputError(f"{name}: non-finite voxels ({n_nan} NaN, {n_inf} inf of {array.size})")
+
+
+def _as_label(label: np.ndarray, name: str) -> np.ndarray:
+    _check_finite(label, name)
+    if label.dtype.kind == "b":
+        return label.astype(np.uint8)
+    if label.dtype.kind not in "iuf":
+        raise InputError(f"{name}: label voxel type {label.dtype} is not numeric")
+    if label.dtype.kind == "f" and (label != np.rint(label)).any():
+        raise InputError(f"{name}: non-integer label values")
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise InputError(f"{name}: label values outside 0..255")
+    return label.astype(np.uint8)
+
+
+def preprocess_arrays(
+    images: Sequence[np.ndarray],
+    label: np.ndarray | None,
+    affine: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    crop_to_nonzero: bool,
+    case_id: str,
+    target_spacing: Sequence[float] | None = None,
+) -> PreprocessedCase:
+    """Preprocess one case given as arrays: crop, (resampling hook), z-score.
+
+    Args:
+        images: one ``(X, Y, Z)`` array per channel, all the same shape, finite.
+        label: ``(X, Y, Z)`` integer label (0 background) or None.
+        affine: 4x4 voxel-to-world matrix of the original image.
+        spacing: voxel size in mm along X, Y, Z.
+        crop_to_nonzero: crop to the bounding box of the nonzero voxels (all channels).
+        case_id: identifier used in error messages and kept on the result.
+        target_spacing: must be None (or ``spacing``) until resampling comes; see
+            :func:`resample_hook`.
+
+    Returns:
+        The :class:`PreprocessedCase`.
+
+    Raises:
+        InputError: shape mismatch, non-finite voxels, bad label values (message names
+            ``case_id``).
+    """
+    if not images:
+        raise InputError(f"{case_id}: no image channels")
+    shape = tuple(int(n) for n in images[0].shape)
+    if len(shape) != 3:
+        raise InputError(f"{case_id}: expected 3D channels, got shape {shape}")
+    for c, img in enumerate(images):
+        if tuple(img.shape) != shape:
+            raise InputError(
+                f"{case_id}: channel {c} shape {tuple(img.shape)} != channel 0 shape {shape}"
+            )
+        _check_finite(img, f"{case_id} channel {c}")
+    stack = np.stack([np.asarray(img, dtype=np.float32) for img in images])
+    lab = None
+    if label is not None:
+        if tuple(label.shape) != shape:
+            raise InputError(f"{case_id}: label shape {tuple(label.shape)} != image shape {shape}")
+        lab = _as_label(np.asarray(label), f"{case_id} label")
+    box = nonzero_bbox(stack) if crop_to_nonzero else CropBox.whole(shape)
+    if box.size != shape:
+        stack = crop(stack, box)
+        lab = crop(lab, box) if lab is not None else None
+    spacing_t = tuple(float(s) for s in spacing)
+    stack, lab, spacing_t = resample_hook(stack, lab, spacing_t, target_spacing)
+    normalised, stats = zscore_nonzero(stack)
+    logger.debug("%s: box %s..%s, stats %s", case_id, box.lo, box.hi, stats)
+    return PreprocessedCase(
+        case_id=case_id,
+        image=normalised,
+        label=lab,
+        box=box,
+        affine=np.asarray(affine, dtype=np.float64),
+        spacing=spacing_t,
+        original_shape=shape,
+    )
+
+
+def read_case(case: Case, *, with_label: bool = True) -> tuple[list[io.Image], np.ndarray | None]:
+    """Read a case's channels (float32) and label, checked against channel 0.
+
+    Args:
+        case: a :class:`segmenter.data.Case` (channel files in order, label or None).
+        with_label: also read ``case.label`` (when it has one).
+
+    Returns:
+        The channel images (``array (X, Y, Z)`` float32, ``affine``, ``spacing``, header) and
+        the ``(X, Y, Z)`` uint8 label, or None.
+
+    Raises:
+        InputError: unreadable file, a channel or label whose shape differs from channel 0,
+            NaN/inf voxels, bad label values; one line naming the file.
+    """
+    images = [io.read_image(case.images[0], dtype=np.float32)]
+    shape = images[0].array.shape
+    for path in case.images[1:]:
+        img = io.read_image(path, dtype=np.float32)
+        if img.array.shape != shape:
+            raise InputError(
+                f"{path}: shape {io.describe(img.array.shape)} differs from channel 0 "
+                f"{case.images[0].name} shape {io.describe(shape)}"
+            )
+        images.append(img)
+    for path, img in zip(case.images, images, strict=True):
+        _check_finite(img.array, str(path))
+    if not with_label or case.label is None:
+        return images, None
+    label = io.read_image(case.label).array
+    if label.shape != shape:
+        raise InputError(
+            f"{case.label}: label shape {io.describe(label.shape)} differs from image "
+            f"{case.images[0].name} shape {io.describe(shape)}"
+        )
+    return images, _as_label(label, str(case.label))
+
+
+def preprocess_case(
+    case: Case,
+    *,
+    crop_to_nonzero: bool = True,
+    target_spacing: Sequence[float] | None = None,
+) -> PreprocessedCase:
+    """Read (:func:`read_case`) and preprocess one dataset case.
+
+    Args:
+        case: a :class:`segmenter.data.Case`.
+        crop_to_nonzero: crop to the bounding box of the nonzero voxels.
+        target_spacing: resampling hook, must be None for now (see :func:`resample_hook`).
+
+    Returns:
+        The :class:`PreprocessedCase`; ``affine`` and ``spacing`` come from channel 0.
+
+    Raises:
+        InputError: as :func:`read_case`.
+    """
+    images, label = read_case(case)
+    return preprocess_arrays(
+        [img.array for img in images],
+        label,
+        images[0].affine,
+        images[0].spacing,
+        crop_to_nonzero=crop_to_nonzero,
+        case_id=case.case_id,
+        target_spacing=target_spacing,
+    )
+
+
+def preprocess_dataset(
+    cases: Sequence[Case],
+    *,
+    crop_to_nonzero: bool = True,
+    workers: int = 2,
+    progress: bool = False,
+) -> list[PreprocessedCase]:
+    """Preprocess many cases in parallel threads (gzip and numpy release the GIL).
+
+    Args:
+        cases: the cases to read.
+        crop_to_nonzero: crop each case to its nonzero bounding box.
+        workers: threads reading cases at once.
+        progress: show a tqdm progress bar (stderr).
+
+    Returns:
+        One :class:`PreprocessedCase` per case, in the order of ``cases``.
+
+    Raises:
+        InputError: the first bad case, as :func:`preprocess_case`.
+    """
+
+    def one(case: Case) -> PreprocessedCase:
+        return preprocess_case(case, crop_to_nonzero=crop_to_nonzero)
+
+    out: list[PreprocessedCase] = []
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
+        with tqdm(total=len(cases), desc="preprocess", unit="case", disable=not progress) as bar:
+            for pre in pool.map(one, cases):
+                out.append(pre)
+                bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error, do not read the remaining cases
+    return out
+
+
+__all__ = [
+    "CropBox",
+    "PreprocessedCase",
+    "ZScoreStats",
+    "crop",
+    "nonzero_bbox",
+    "nonzero_mask",
+    "preprocess_arrays",
+    "preprocess_case",
+    "preprocess_dataset",
+    "read_case",
+    "resample_hook",
+    "uncrop",
+    "zscore_nonzero",
+]

@@ -1,0 +1,210 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segmenter import data
+from segmenter.errors import InputError
+from segmenter.io import read_image, write_image
+from segmenter.preprocess import (
+    CropBox,
+    crop,
+    nonzero_bbox,
+    preprocess_arrays,
+    preprocess_case,
+    preprocess_dataset,
+    read_case,
+    resample_hook,
+    uncrop,
+    zscore_nonzero,
+)
+from segmenter.synthetic import PhantomSpec, write_dataset
+
+
+def block_images() -> np.ndarray:
+    """(2, 10, 12, 14): channel 0 nonzero in one block, channel 1 in another."""
+    images = np.zeros((2, 10, 12, 14), dtype=np.float32)
+    images[0, 2:5, 3:7, 4:6] = np.arange(3 * 4 * 2).reshape(3, 4, 2) + 1.0
+    images[1, 4:8, 5:6, 1:3] = 7.0
+    return images
+
+
+@pytest.fixture(scope="module")
+def phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> data.Dataset:
+    root = write_dataset(tmp_path_factory.mktemp("ds"), 3, seed=0, spec=PhantomSpec(size=32))
+    return data.load_dataset(root)
+
+
+def copy_dataset(dataset: data.Dataset, tmp_path: Path) -> data.Case:
+    """Case 0 copied into ``tmp_path`` (so a test can damage its files)."""
+    case = dataset.training[0]
+    images = []
+    for path in case.images:
+        img = read_image(path)
+        images.append(write_image(tmp_path / path.name, img.array, img.affine))
+    lab = read_image(case.label)
+    label = write_image(tmp_path / case.label.name, lab.array, lab.affine)
+    return data.Case(case.case_id, tuple(images), label)
+
+
+def test_nonzero_bbox_is_union_of_channels() -> None:
+    box = nonzero_bbox(block_images())
+    assert box == CropBox((2, 3, 1), (8, 7, 6), (10, 12, 14))
+    assert box.size == (6, 4, 5)
+
+
+def test_nonzero_bbox_of_empty_volume_is_whole() -> None:
+    box = nonzero_bbox(np.zeros((1, 4, 5, 6)))
+    assert box == CropBox.whole((4, 5, 6))
+
+
+def test_crop_uncrop_round_trip() -> None:
+    images = block_images()
+    box = nonzero_bbox(images)
+    cropped = crop(images, box)
+    assert cropped.shape == (2, *box.size)
+    np.testing.assert_array_equal(uncrop(cropped, box), images)
+    label = (images[0] > 3).astype(np.uint8)
+    np.testing.assert_array_equal(uncrop(crop(label, box), box), label)
+    assert uncrop(crop(label, box), box, fill=9)[0, 0, 0] == 9
+
+
+def test_cropbox_rejects_box_outside_volume() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        CropBox((0, 0, 0), (5, 5, 9), (5, 5, 8))
+
+
+def test_zscore_inside_mask() -> None:
+    rng = np.random.default_rng(0)
+    images = np.zeros((2, 12, 12, 12), dtype=np.float32)
+    images[:, 3:9, 2:10, 4:8] = rng.normal(50.0, 7.0, size=(2, 6, 8, 4))
+    images[1, 10, 10, 10] = 3.0  # only channel 1: still inside the union mask
+    out, stats = zscore_nonzero(images)
+    mask = (images != 0).any(axis=0)
+    assert out.dtype == np.float32
+    assert stats.mask_voxels == int(mask.sum())
+    for c in range(2):
+        inside = out[c][mask].astype(np.float64)
+        assert abs(inside.mean()) < 1e-5
+        assert abs(inside.std() - 1.0) < 1e-5
+        assert stats.mean[c] == pytest.approx(images[c][mask].mean(dtype=np.float64), rel=1e-6)
+    assert not out[:, ~mask].any()
+
+
+def test_zscore_constant_channel_and_empty_case() -> None:
+    images = np.zeros((2, 6, 6, 6), dtype=np.float32)
+    images[:, 1:4, 1:4, 1:4] = 5.0
+    out, stats = zscore_nonzero(images)
+    assert np.isfinite(out).all() and not out.any()
+    assert stats.std == (1.0, 1.0)
+    out, stats = zscore_nonzero(np.zeros((1, 4, 4, 4), dtype=np.float32))
+    assert np.isfinite(out).all() and stats.mask_voxels == 64
+
+
+def test_zscore_fills_holes_of_the_mask() -> None:
+    images = np.zeros((1, 9, 9, 9), dtype=np.float32)
+    images[0, 2:7, 2:7, 2:7] = 4.0
+    images[0, 4, 4, 4] = 0.0  # a hole: inside the mask, normalised like its neighbours
+    images[0, 2, 2, 2] = 30.0
+    out, stats = zscore_nonzero(images)
+    assert stats.mask_voxels == 125
+    assert out[0, 4, 4, 4] < out[0, 3, 3, 3] < 0 < out[0, 2, 2, 2]
+
+
+def test_preprocess_case_on_phantom(phantom_dataset: data.Dataset, tmp_path: Path) -> None:
+    case = copy_dataset(phantom_dataset, tmp_path)
+    for path in case.images:  # air outside the head: zero a border of a few voxels
+        img = read_image(path)
+        array = np.zeros_like(img.array)
+        array[2:-3, 1:, :-4] = img.array[2:-3, 1:, :-4]
+        write_image(path, array, img.affine)
+    pre = preprocess_case(case)
+    assert pre.box == CropBox((2, 1, 0), (29, 32, 28), (32, 32, 32))
+    original = read_image(case.label).array
+    assert pre.case_id == case.case_id
+    assert pre.image.dtype == np.float32 and pre.image.shape == (2, *pre.box.size)
+    assert pre.label is not None and pre.label.dtype == np.uint8
+    assert pre.label.shape == pre.box.size
+    assert pre.original_shape == original.shape == (32, 32, 32)
+    np.testing.assert_array_equal(pre.restore(pre.label), original)
+    np.testing.assert_allclose(pre.affine, read_image(case.images[0]).affine)
+    assert pre.spacing == (1.0, 1.0, 1.0)
+    restored = pre.restore(pre.image)
+    assert restored.shape == (2, 32, 32, 32)
+    inside = np.zeros(restored.shape[1:], dtype=bool)
+    inside[pre.box.slices] = True
+    assert not restored[:, ~inside].any()
+
+
+def test_preprocess_case_without_crop(phantom_dataset: data.Dataset) -> None:
+    pre = preprocess_case(phantom_dataset.training[1], crop_to_nonzero=False)
+    assert pre.box == CropBox.whole((32, 32, 32))
+    assert pre.image.shape == (2, 32, 32, 32)
+
+
+def test_preprocess_dataset_keeps_order(phantom_dataset: data.Dataset) -> None:
+    cases = phantom_dataset.training
+    threaded = preprocess_dataset(cases, workers=2)
+    serial = preprocess_dataset(cases, workers=1)
+    assert [p.case_id for p in threaded] == [c.case_id for c in cases]
+    for a, b in zip(threaded, serial, strict=True):
+        np.testing.assert_array_equal(a.image, b.image)
+
+
+def test_read_case_returns_images_and_checked_label(phantom_dataset: data.Dataset) -> None:
+    case = phantom_dataset.training[0]
+    images, label = read_case(case)
+    assert len(images) == 2 and images[0].array.dtype == np.float32
+    assert label is not None and label.dtype == np.uint8 and label.shape == (32, 32, 32)
+    images, label = read_case(case, with_label=False)
+    assert label is None and images[1].path == case.images[1]
+
+
+def test_channel_shape_mismatch_names_the_file(
+    phantom_dataset: data.Dataset, tmp_path: Path
+) -> None:
+    case = copy_dataset(phantom_dataset, tmp_path)
+    write_image(case.images[1], np.ones((32, 32, 30), dtype=np.float32), np.eye(4))
+    with pytest.raises(InputError, match=rf"{case.images[1].name}: shape 32x32x30 differs"):
+        preprocess_case(case)
+
+
+def test_label_shape_mismatch_names_the_file(phantom_dataset: data.Dataset, tmp_path: Path) -> None:
+    case = copy_dataset(phantom_dataset, tmp_path)
+    write_image(case.label, np.zeros((31, 32, 32), dtype=np.uint8), np.eye(4))
+    with pytest.raises(InputError, match=rf"{case.label.name}: label shape 31x32x32"):
+        preprocess_case(case)
+
+
+def test_nan_voxels_name_the_file(phantom_dataset: data.Dataset, tmp_path: Path) -> None:
+    case = copy_dataset(phantom_dataset, tmp_path)
+    img = read_image(case.images[0], dtype=np.float32)
+    array = img.array.copy()
+    array[3, 4, 5] = np.nan
+    write_image(case.images[0], array, img.affine)
+    with pytest.raises(InputError, match=rf"{case.images[0].name}: non-finite voxels \(1 NaN"):
+        preprocess_case(case)
+
+
+def test_preprocess_arrays_checks_label() -> None:
+    images = [np.ones((4, 4, 4), dtype=np.float32)]
+    with pytest.raises(InputError, match="c1 label: non-integer"):
+        preprocess_arrays(
+            images, np.full((4, 4, 4), 0.5), np.eye(4), (1, 1, 1), crop_to_nonzero=True,
+            case_id="c1",
+        )  # fmt: skip
+    with pytest.raises(InputError, match="c1: channel 1 shape"):
+        preprocess_arrays(
+            images + [np.ones((4, 4, 5))], None, np.eye(4), (1, 1, 1), crop_to_nonzero=True,
+            case_id="c1",
+        )  # fmt: skip
+
+
+def test_resample_hook_only_accepts_own_spacing() -> None:
+    image = np.ones((1, 4, 4, 4), dtype=np.float32)
+    assert resample_hook(image, None, (1.0, 1.0, 2.0), None)[0] is image
+    assert resample_hook(image, None, (1.0, 1.0, 2.0), (1.0, 1.0, 2.0))[2] == (1.0, 1.0, 2.0)
+    with pytest.raises(NotImplementedError, match="resampling"):
+        resample_hook(image, None, (1.0, 1.0, 2.0), (1.0, 1.0, 1.0))
