@@ -90,6 +90,110 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from segmenter import config as config_mod
+
+    if args.resume:
+        if not args.out:
+            raise InputError("--resume needs --out RUN (the run folder to continue)")
+        saved = Path(args.out) / "config.yaml"
+        if not saved.is_file():
+            raise InputError(f"{args.out}: nothing to resume (no config.yaml)")
+        cfg = config_mod.load_config(saved, args.set)
+    else:
+        if not args.config:
+            raise InputError("train needs --config CFG (or --resume --out RUN)")
+        cfg = config_mod.load_config(args.config, args.set)
+    fold: int | str = args.fold
+    out = Path(args.out) if args.out else _default_run_dir(args.config, fold)
+    from segmenter import train
+
+    result = train.fit(cfg, out, fold=fold, resume=args.resume, progress=True)
+    how = "budget reached" if result.stopped_by_budget else "all epochs"
+    print(
+        f"trained {result.epochs} epochs ({result.steps} steps, {how}) in "
+        f"{result.seconds / 60:.1f} min; best {cfg.train.best_metric} "
+        f"{result.best_metric:.3f} at epoch {result.best_epoch}; the step waited for data "
+        f"{100 * result.data_wait_fraction:.1f}% of the time\nrun folder: {out}"
+    )
+    return 0
+
+
+def _default_run_dir(config_path: str | None, fold: int | str) -> Path:
+    stem = Path(config_path).stem if config_path else "run"
+    return Path("runs") / stem / f"fold_{fold}"
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from segmenter import inference, predict
+
+    predictor = inference.load_predictor(args.model, device=args.device)
+    options = predict.PredictOptions(
+        tta=False if args.no_tta else None,
+        threshold=args.threshold,
+        min_lesion_mm3=args.min_lesion_mm3,
+        save_probabilities=args.save_probabilities,
+    )
+    results = predict.predict_all(
+        predictor, args.input, args.output, options, progress=_progress("predict")
+    )
+    for r in results:
+        print(f"{r.case_id}: {r.seconds:.1f} s, {r.n_lesion_voxels} lesion voxels -> {r.mask_path}")
+    if results:
+        mean = sum(r.seconds for r in results) / len(results)
+        print(f"{len(results)} case(s), {mean:.1f} s per case on {predictor.device}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from segmenter import demo
+
+    demo.run_demo(Path(args.out), minutes=args.minutes, seed=args.seed)
+    return 0
+
+
+def _fold(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fold number or 'all', got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"fold must be >= 0, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -140,6 +244,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where summary.json and lesions.csv go (default: --pred)")
     p.add_argument("--workers", type=_positive_int, default=2, help="cases in parallel")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("train", help="train a 3D U-Net (one fold) into a run folder")
+    p.add_argument("--config", help="YAML experiment config (names only what it changes)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=50 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--out", help="run folder (default: runs/<config name>/fold_<K>)")
+    p.add_argument("--fold", type=_fold, default=0, help="cross-validation fold or 'all'")
+    p.add_argument("--resume", action="store_true", help="continue --out from last.pt")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("predict", help="segment new scans with a trained run")
+    p.add_argument("--model", required=True, help="run folder (holds checkpoints/best.pt)")
+    p.add_argument(
+        "--input", required=True, nargs="+",
+        help="one file per channel in channel order, or a folder of CASE_XXXX files",
+    )  # fmt: skip
+    p.add_argument("--output", required=True, help="mask file (one case) or folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument(
+        "--threshold", type=_probability, help="probability threshold (default: the run's)"
+    )
+    p.add_argument(
+        "--min-lesion-mm3", type=_non_negative_float, help="drop smaller predicted lesions (mm3)"
+    )
+    p.add_argument(
+        "--save-probabilities", action="store_true",
+        help="also write float32 probability maps (OUTPUT/probabilities/)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> predict -> evaluate")
+    p.add_argument("--out", default="segmenter_demo", help="output folder (default segmenter_demo)")
+    p.add_argument(
+        "--minutes", type=_positive_float, default=5.0, help="whole demo budget (default 5)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

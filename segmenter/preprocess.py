@@ -237,6 +237,14 @@ class PreprocessedCase:
     spacing: tuple[float, ...]
     original_shape: tuple[int, ...]
 
+    @property
+    def crop_affine(self) -> np.ndarray:
+        """4x4 voxel-to-RAS+ matrix of the cropped grid of :attr:`image`."""
+        shifted = self.affine.copy()
+        shifted[:3, 3] = self.affine[:3, :3] @ np.asarray(self.box.lo, dtype=np.float64)
+        shifted[:3, 3] += self.affine[:3, 3]
+        return shifted
+
     def restore(self, arr: np.ndarray, fill: float = 0) -> np.ndarray:
         """Map an array on this case's grid back to the original image grid.
 

@@ -208,3 +208,17 @@ def test_resample_hook_only_accepts_own_spacing() -> None:
     assert resample_hook(image, None, (1.0, 1.0, 2.0), (1.0, 1.0, 2.0))[2] == (1.0, 1.0, 2.0)
     with pytest.raises(NotImplementedError, match="resampling"):
         resample_hook(image, None, (1.0, 1.0, 2.0), (1.0, 1.0, 1.0))
+
+
+def test_crop_affine_maps_cropped_voxels_to_the_same_world_points() -> None:
+    from segmenter.preprocess import preprocess_arrays
+
+    affine = np.array([[0.0, -2.0, 0, 10], [1.5, 0, 0, -5], [0, 0, 3.0, 7], [0, 0, 0, 1]])
+    img = np.zeros((10, 12, 8), np.float32)
+    img[3:7, 2:9, 1:5] = 5.0
+    case = preprocess_arrays([img], None, affine, (1.5, 2.0, 3.0), crop_to_nonzero=True,
+                             case_id="c")  # fmt: skip
+    assert case.box.lo == (3, 2, 1)
+    world_cropped = case.crop_affine @ np.array([0.0, 0.0, 0.0, 1.0])
+    world_original = affine @ np.array([3.0, 2.0, 1.0, 1.0])
+    np.testing.assert_allclose(world_cropped, world_original)

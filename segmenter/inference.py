@@ -1,0 +1,221 @@
+"""Sliding-window inference with mirroring test-time augmentation.
+
+The network sees the training preprocessing (crop to nonzero, per-channel z-score inside the
+nonzero mask); its logits are combined over overlapping windows with Gaussian weights (MONAI's
+``sliding_window_inference``, nnU-Net's sigma of 1/8 of the window) and, with TTA, averaged over
+the 8 mirrorings of the three axes (nnU-Net). Probabilities are put back into the scan's own grid
+(uncropped) before thresholding, so masks overlay the input exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from segmenter.checkpoint import find_checkpoint, load_checkpoint
+from segmenter.config import Config, InferenceConfig, config_from_dict
+from segmenter.errors import InputError
+from segmenter.model import build_model
+
+MIRROR_AXES: tuple[tuple[int, ...], ...] = tuple(
+    axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r)
+)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device '{name}' requested but no CUDA GPU is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise InputError(f"unknown device '{name}' (use cpu, cuda or auto)")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (None: float32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    # auto: fp16 on CUDA; bf16 on CPUs with native bf16 matmul support, else fp32
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if _cpu_has_fast_bf16() else None
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.autocast`` for ``dtype``, or nothing for float32."""
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+def sliding_window_logits(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    patch_size: tuple[int, int, int],
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Gaussian-weighted sliding-window logits of a whole volume.
+
+    Args:
+        model: network in eval mode returning ``(B, K, x, y, z)`` logits.
+        image: ``(1, C, X, Y, Z)`` float, preprocessed, on the model's device.
+        patch_size: window size (the training patch).
+        overlap: window overlap fraction (0.5 as nnU-Net).
+        sw_batch_size: windows per forward pass.
+        dtype: autocast dtype or None for float32.
+
+    Returns:
+        ``(1, K, X, Y, Z)`` float32 logits.
+    """
+    from monai.inferers import sliding_window_inference
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast(image.device, dtype):
+            return model(x).float()
+
+    out = sliding_window_inference(
+        image,
+        roi_size=patch_size,
+        sw_batch_size=sw_batch_size,
+        predictor=forward,
+        overlap=overlap,
+        mode="gaussian",
+        sigma_scale=0.125,
+        padding_mode="constant",
+        cval=0.0,
+    )
+    return torch.as_tensor(out).float()
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    patch_size: tuple[int, int, int],
+    cfg: InferenceConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    tta: bool | None = None,
+) -> np.ndarray:
+    """Logits of a preprocessed volume, averaged over mirrorings when TTA is on.
+
+    Args:
+        model: network in eval mode.
+        image: ``(C, X, Y, Z)`` float32 preprocessed image.
+        patch_size: window size.
+        cfg: overlap, windows per batch, TTA default.
+        device: where to run.
+        dtype: autocast dtype or None.
+        tta: override ``cfg.tta``.
+
+    Returns:
+        ``(K, X, Y, Z)`` float32 logits (K output channels of the model).
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    mirrors = MIRROR_AXES if (cfg.tta if tta is None else tta) else ((),)
+    total: torch.Tensor | None = None
+    for axes in mirrors:
+        xi = torch.flip(x, axes) if axes else x
+        logits = sliding_window_logits(
+            model, xi, patch_size, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
+            dtype=dtype,
+        )  # fmt: skip
+        if axes:
+            logits = torch.flip(logits, axes)
+        total = logits if total is None else total + logits
+    assert total is not None
+    return (total / len(mirrors))[0].cpu().numpy()
+
+
+def foreground_probability(logits: np.ndarray, activation: str) -> np.ndarray:
+    """Foreground probability ``(X, Y, Z)`` float32 from ``(K, X, Y, Z)`` logits.
+
+    Sigmoid models have one channel per foreground class; softmax models have the background in
+    channel 0. With several foreground classes, the foreground probability is the largest
+    class probability (sigmoid) or one minus the background's (softmax).
+    """
+    t = torch.from_numpy(logits)
+    if activation == "sigmoid":
+        prob = torch.sigmoid(t).amax(dim=0)
+    else:
+        prob = 1.0 - torch.softmax(t, dim=0)[0]
+    return prob.numpy().astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A trained model ready for inference, loaded from a run folder."""
+
+    model: torch.nn.Module
+    config: Config
+    plan: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype | None
+    checkpoint: Path
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """Sliding-window size (the training patch)."""
+        p = self.plan["patch_size"]
+        return (int(p[0]), int(p[1]), int(p[2]))
+
+    @property
+    def channel_names(self) -> list[str]:
+        """Input channels in order, as named in the training dataset."""
+        return [str(c) for c in self.plan["channel_names"]]
+
+
+def build_from_plan(config: Config, plan: dict[str, Any]) -> torch.nn.Module:
+    """The network described by a run's config and plan (untrained weights)."""
+    return build_model(
+        config.model,
+        in_channels=len(plan["channel_names"]),
+        out_channels=int(plan["out_channels"]),
+        patch_size=tuple(plan["patch_size"]),  # type: ignore[arg-type]
+    )
+
+
+def load_predictor(run_dir: str | Path, *, device: str = "auto", which: str = "best") -> Predictor:
+    """Load ``RUN/checkpoints/{best,last}.pt`` into an eval-mode model.
+
+    Raises:
+        InputError: missing run folder or checkpoint, unreadable checkpoint.
+    """
+    path = find_checkpoint(run_dir, which)
+    dev = resolve_device(device)
+    state = load_checkpoint(path, map_location=dev)
+    config = config_from_dict(state["config"])
+    plan = state["plan"]
+    model = build_from_plan(config, plan)
+    model.load_state_dict(state["model"])
+    model.to(dev).eval()
+    dtype = autocast_dtype(config.train.precision, dev)
+    return Predictor(model, config, plan, dev, dtype, path)

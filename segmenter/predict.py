@@ -1,0 +1,153 @@
+"""``segmenter predict``: run a trained model on new scans and write masks in their own geometry.
+
+Reads one case (one file per channel, in channel order) or an imagesTs-style folder, applies the
+training preprocessing, predicts with the sliding window (mirroring TTA by default), puts the
+probabilities back into the scan's grid, thresholds and removes lesions below a minimum size in
+mm3, and writes a uint8 mask (and optionally the float32 probability map) with the input's
+geometry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segmenter.data import Case, find_cases
+from segmenter.errors import InputError
+from segmenter.inference import Predictor, foreground_probability, predict_logits
+from segmenter.io import is_image_file, strip_suffix, suffix_of, write_like
+from segmenter.postprocess import probabilities_to_mask
+from segmenter.preprocess import preprocess_arrays, read_case
+
+PROBABILITY_FOLDER = "probabilities"
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Per-call overrides of the run's inference settings (None keeps the run's value)."""
+
+    tta: bool | None = None
+    threshold: float | None = None
+    min_lesion_mm3: float | None = None
+    save_probabilities: bool = False
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One written case."""
+
+    case_id: str
+    mask_path: Path
+    probability_path: Path | None
+    seconds: float
+    n_lesion_voxels: int
+
+
+def collect_cases(inputs: Sequence[str | Path], predictor: Predictor) -> list[Case]:
+    """Cases from ``--input``: channel files of one case, or one folder of cases.
+
+    Raises:
+        InputError: missing paths, wrong number of channels, bad file names.
+    """
+    n_channels = len(predictor.channel_names)
+    paths = [Path(p) for p in inputs]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"{missing[0]}: input not found")
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        endings = sorted({suffix_of(p) for p in folder.iterdir() if is_image_file(p)})
+        if not endings:
+            raise InputError(f"{folder}: no image files found")
+        ending = predictor.plan.get("file_ending", ".nii.gz")
+        cases = find_cases(folder, n_channels, ending if ending in endings else endings[0])
+        if not cases:
+            raise InputError(f"{folder}: no cases named CASE_XXXX{endings[0]} found")
+        return list(cases)
+    if any(p.is_dir() for p in paths):
+        raise InputError("--input takes one folder, or one file per channel (not both)")
+    if len(paths) != n_channels:
+        names = ", ".join(predictor.channel_names)
+        raise InputError(
+            f"the model expects {n_channels} channel(s) ({names}) but {len(paths)} input "
+            f"file(s) were given; pass one file per channel in that order"
+        )
+    case_id = strip_suffix(paths[0])
+    if len(case_id) > 5 and case_id[-5] == "_" and case_id[-4:].isdigit():
+        case_id = case_id[:-5]
+    return [Case(case_id=case_id, images=tuple(paths), label=None)]
+
+
+def output_paths(
+    cases: Sequence[Case], output: str | Path, *, single_file_ok: bool
+) -> dict[str, Path]:
+    """Mask path per case: ``OUTPUT`` itself for one case given as a file name, else a folder."""
+    out = Path(output)
+    if single_file_ok and len(cases) == 1 and is_image_file(out):
+        return {cases[0].case_id: out}
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: output exists and is not a folder")
+    ending = suffix_of(cases[0].images[0]) if cases else ".nii.gz"
+    return {c.case_id: out / f"{c.case_id}{ending}" for c in cases}
+
+
+def predict_case(
+    predictor: Predictor, case: Case, mask_path: Path, options: PredictOptions
+) -> Prediction:
+    """Predict one case and write its mask (and probabilities when asked)."""
+    start = time.perf_counter()
+    cfg = predictor.config
+    images, _ = read_case(case, with_label=False)
+    if len(images) != len(predictor.channel_names):
+        raise InputError(
+            f"{case.images[0]}: the model expects {len(predictor.channel_names)} channel(s), "
+            f"the case has {len(images)}"
+        )
+    pre = preprocess_arrays(
+        [im.array for im in images], None, images[0].affine, images[0].spacing,
+        crop_to_nonzero=bool(predictor.plan["crop_to_nonzero"]), case_id=case.case_id,
+    )  # fmt: skip
+    logits = predict_logits(
+        predictor.model, pre.image, predictor.patch_size, cfg.inference,
+        device=predictor.device, dtype=predictor.dtype, tta=options.tta,
+    )  # fmt: skip
+    prob = pre.restore(foreground_probability(logits, predictor.plan["activation"]))
+    plan = predictor.plan
+    threshold = options.threshold if options.threshold is not None else plan["threshold"]
+    min_mm3 = options.min_lesion_mm3
+    if min_mm3 is None:
+        min_mm3 = plan["min_lesion_mm3"]
+    reference = images[0]
+    mask = probabilities_to_mask(
+        prob, reference.spacing, threshold=threshold, min_lesion_mm3=min_mm3
+    )
+    write_like(mask_path, mask, reference)
+    prob_path = None
+    if options.save_probabilities:
+        prob_path = mask_path.parent / PROBABILITY_FOLDER / mask_path.name
+        write_like(prob_path, prob.astype(np.float32), reference)
+    return Prediction(
+        case.case_id, mask_path, prob_path, time.perf_counter() - start, int(mask.sum())
+    )
+
+
+def predict_all(
+    predictor: Predictor,
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    options: PredictOptions,
+    progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+) -> list[Prediction]:
+    """Predict every case of ``inputs`` into ``output`` (see the module docstring)."""
+    cases = collect_cases(inputs, predictor)
+    single = len(inputs) >= 1 and not Path(inputs[0]).is_dir()
+    paths = output_paths(cases, output, single_file_ok=single)
+    iterable: Iterable[Case] = cases
+    if progress is not None:
+        iterable = progress(cases, len(cases))
+    return [predict_case(predictor, c, paths[c.case_id], options) for c in iterable]

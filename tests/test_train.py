@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segmenter.cli import main
+from segmenter.config import load_config
+from segmenter.io import read_image, write_image
+from segmenter.synthetic import PhantomSpec, write_dataset
+from segmenter.train import _lr_factor, fit, make_splits
+
+TINY = """\
+data:
+  dataset: {dataset}
+  patch_size: [32, 32, 32]
+  num_workers: 0
+model:
+  depth: 3
+  base_filters: 4
+  max_filters: 16
+train:
+  epochs: 2
+  iterations_per_epoch: 2
+  val_every: 1
+  n_folds: 3
+  precision: fp32
+  threads: 2
+inference:
+  sw_batch_size: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantoms")
+    return write_dataset(root, 6, seed=0, spec=PhantomSpec(size=32), n_test=2)
+
+
+@pytest.fixture
+def config_file(dataset: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(dataset=dataset))
+    return path
+
+
+def test_train_predict_evaluate_in_process(
+    dataset: Path, config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config_file), "--out", str(run)]) == 0
+    for name in ("config.yaml", "plan.json", "splits.json", "metrics.csv", "train.log",
+                 "summary.json", "lesions.csv", "training_curves.png"):  # fmt: skip
+        assert (run / name).is_file(), name
+    state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert {"model", "optimizer", "config", "plan", "epoch", "step"} <= set(state)
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("epoch,step,lr,train_loss,val_dice")
+    splits = json.loads((run / "splits.json").read_text())
+    assert len(splits) == 3 and all(set(s) == {"train", "val"} for s in splits)
+    pred = tmp_path / "pred"
+    argv = ["predict", "--model", str(run), "--input", str(dataset / "imagesTs"),
+            "--output", str(pred), "--no-tta", "--save-probabilities"]  # fmt: skip
+    assert main(argv) == 0
+    masks = sorted(pred.glob("*.nii.gz"))
+    assert [m.name for m in masks] == ["phantom_test_000.nii.gz", "phantom_test_001.nii.gz"]
+    prob = read_image(pred / "probabilities" / "phantom_test_000.nii.gz")
+    assert prob.array.dtype == np.float32 and 0.0 <= prob.array.min() <= prob.array.max() <= 1.0
+    assert read_image(masks[0]).array.dtype == np.uint8
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(dataset / "labelsTs")]) == 0
+    assert "pooled" in capsys.readouterr().out
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
+    config_file: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(config_file, ["train.epochs=3", "train.val_every=2"])
+    fit(cfg, tmp_path / "straight", progress=False)
+    part = tmp_path / "resumed"
+    fit(cfg, part, progress=False, should_stop=lambda epoch: epoch == 1)
+    interrupted = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert interrupted["epoch"] == 1 and interrupted["step"] == 2
+    assert main(["train", "--resume", "--out", str(part)]) == 0
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (3, 6)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    rows = (part / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 4  # header + the three epochs, across the interruption
+
+
+def test_resume_needs_a_run_and_a_fresh_run_needs_an_empty_folder(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    run = tmp_path / "run"
+    cfg = load_config(config_file, ["train.epochs=1"])
+    fit(cfg, run, progress=False)
+    with pytest.raises(Exception, match="already holds a trained run"):
+        fit(cfg, run, progress=False)
+
+
+def test_prediction_keeps_the_geometry_of_an_oblique_anisotropic_input(
+    tmp_path: Path, config_file: Path
+) -> None:
+    run = tmp_path / "run"
+    fit(load_config(config_file, ["train.epochs=1"]), run, progress=False)
+    affine = np.array(
+        [[0.0, -0.9, 0.3, 40.0], [1.2, 0.0, 0.0, -20.0], [0.0, 0.25, 2.8, 10.0], [0, 0, 0, 1]]
+    )
+    rng = np.random.default_rng(0)
+    shape = (37, 29, 13)
+    paths = []
+    for c in range(2):
+        vol = rng.normal(100, 20, shape).astype(np.float32)
+        paths.append(write_image(tmp_path / f"scan_{c:04d}.nii.gz", vol, affine))
+    out = tmp_path / "scan_mask.nii.gz"
+    argv = ["predict", "--model", str(run), "--input", *map(str, paths), "--output", str(out)]
+    assert main(argv) == 0
+    mask = read_image(out)
+    scan = read_image(paths[0])
+    assert mask.array.shape == shape
+    np.testing.assert_allclose(mask.affine, scan.affine, atol=1e-5)
+    assert set(np.unique(mask.array)) <= {0, 1}
+
+
+@pytest.fixture(scope="module")
+def trained_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("run")
+    cfg_path = root / "tiny.yaml"
+    cfg_path.write_text(TINY.format(dataset=dataset))
+    fit(load_config(cfg_path, ["train.epochs=1"]), root / "run", progress=False)
+    return root / "run"
+
+
+def test_predict_bad_inputs_exit_2_and_write_nothing(
+    trained_run: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = dataset / "imagesTs"
+    ch0, ch1 = images / "phantom_test_000_0000.nii.gz", images / "phantom_test_000_0001.nii.gz"
+    out = tmp_path / "out"
+
+    def run(*inputs: Path, model: Path = trained_run) -> str:
+        argv = ["predict", "--model", str(model), "--input", *map(str, inputs),
+                "--output", str(out / "m.nii.gz")]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1
+        assert not out.exists() or not any(out.rglob("*.nii.gz"))
+        return err
+
+    assert "expects 2 channel(s) (FLAIR, T1) but 1 input" in run(ch0)
+    small = write_image(tmp_path / "small_0001.nii.gz", np.zeros((8, 8, 8), np.float32), np.eye(4))
+    assert "differs from channel 0" in run(ch0, small)
+    corrupt = tmp_path / "corrupt_0001.nii.gz"
+    corrupt.write_bytes(ch1.read_bytes()[:200])
+    assert "cannot read image" in run(ch0, corrupt)
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    assert "no checkpoint" in run(ch0, ch1, model=empty_run)
+    assert "input not found" in run(ch0, tmp_path / "missing_0001.nii.gz")
+
+
+def test_unknown_config_key_exit_2(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--config", str(config_file), "--set", "train.epocs=3",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2
+    assert "unknown config key 'train.epocs'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_splits_are_stratified_by_lesion_burden() -> None:
+    ids = [f"c{i}" for i in range(10)]
+    burdens = [0.0, 0.0, 0.001, 0.002, 0.003, 0.004, 0.01, 0.02, 0.03, 0.0]
+    splits = make_splits(ids, burdens, 3, seed=0)
+    vals = [set(s["val"]) for s in splits]
+    assert set().union(*vals) == set(ids) and sum(len(v) for v in vals) == 10
+    for s in splits:
+        assert not set(s["train"]) & set(s["val"])
+    free = {"c0", "c1", "c9"}
+    assert all(len(v & free) == 1 for v in vals)  # lesion-free cases spread over the folds
+    assert make_splits(ids, burdens, 3, seed=0) == splits
+    with pytest.raises(Exception, match="fewer than train.n_folds"):
+        make_splits(ids[:2], burdens[:2], 3, seed=0)
+
+
+def test_learning_rate_schedules() -> None:
+    poly = load_config(None, [])
+    assert _lr_factor(poly, 0.0, 0, 0) == 1.0
+    assert _lr_factor(poly, 0.5, 50, 0) == pytest.approx(0.5**0.9)
+    assert _lr_factor(poly, 1.0, 100, 0) == 0.0
+    cosine = load_config(None, ["train.scheduler=cosine"])
+    assert _lr_factor(cosine, 0.5, 50, 0) == pytest.approx(0.5)
+    assert _lr_factor(poly, 0.0, 4, 10) == pytest.approx(0.5)  # warm-up: step 5 of 10
