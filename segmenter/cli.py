@@ -112,9 +112,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     how = "budget reached" if result.stopped_by_budget else "all epochs"
     print(
         f"trained {result.epochs} epochs ({result.steps} steps, {how}) in "
-        f"{result.seconds / 60:.1f} min; best {cfg.train.best_metric} "
-        f"{result.best_metric:.3f} at epoch {result.best_epoch}; the step waited for data "
-        f"{100 * result.data_wait_fraction:.1f}% of the time\nrun folder: {out}"
+        f"{result.seconds / 60:.1f} min; best {cfg.train.best_metric} (moving average over "
+        f"validations) {result.best_metric:.3f} at epoch {result.best_epoch}; the step waited "
+        f"for data {100 * result.data_wait_fraction:.1f}% of the time\nrun folder: {out}"
     )
     return 0
 

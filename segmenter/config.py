@@ -194,6 +194,9 @@ class TrainConfig:
             ``lesion_recall``.
         device: ``auto``, ``cpu`` or ``cuda``.
         threads: torch CPU threads (null: all cores).
+        tune_threshold: after training, pick the probability threshold that maximises pooled
+            lesion F1 on this fold's validation cases (best checkpoint, no TTA) and store it in
+            the run as predict's default; false keeps ``inference.threshold``.
     """
 
     seed: int = 0
@@ -213,6 +216,7 @@ class TrainConfig:
     best_metric: Literal["lesion_f1", "dice", "lesion_recall"] = "lesion_f1"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
+    tune_threshold: bool = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.iterations_per_epoch < 1:

@@ -201,3 +201,30 @@ def test_learning_rate_schedules() -> None:
     cosine = load_config(None, ["train.scheduler=cosine"])
     assert _lr_factor(cosine, 0.5, 50, 0) == pytest.approx(0.5)
     assert _lr_factor(poly, 0.0, 4, 10) == pytest.approx(0.5)  # warm-up: step 5 of 10
+
+
+def test_threshold_tuning_picks_the_best_lesion_f1() -> None:
+    from segmenter.train import tune_threshold
+
+    ref = np.zeros((16, 16, 16), np.uint8)
+    ref[2:5, 2:5, 2:5] = 1  # found at any threshold below 0.8
+    ref[10:12, 10:12, 10:12] = 1  # faint: only found below 0.3
+    prob = np.zeros(ref.shape, np.float32)
+    prob[2:5, 2:5, 2:5] = 0.8
+    prob[10:12, 10:12, 10:12] = 0.3
+    prob[14, 1, 14] = 0.2  # a false positive below 0.25
+    cfg = load_config(None, [])
+    threshold, rows = tune_threshold([prob], [ref], [(1.0, 1.0, 1.0)], cfg)
+    assert threshold == 0.25 or threshold == 0.3  # both lesions, no false positive
+    best = next(r for r in rows if r["threshold"] == threshold)
+    assert best["f1"] == 1.0 and best["recall"] == 1.0
+    assert next(r for r in rows if r["threshold"] == 0.5)["recall"] == 0.5
+    assert next(r for r in rows if r["threshold"] == 0.1)["precision"] < 1.0
+
+
+def test_tuned_threshold_is_stored_in_the_run(trained_run: Path) -> None:
+    plan = json.loads((trained_run / "plan.json").read_text())
+    state = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=True)
+    assert plan["threshold_tuning"]["criterion"] == "pooled lesion F1"
+    assert state["plan"]["threshold"] == plan["threshold"]
+    assert len(plan["threshold_tuning"]["rows"]) == 17
