@@ -58,8 +58,25 @@ def demo_config(dataset: Path | str, minutes: float, seed: int = 0) -> Config:
     return config_from_dict(values)
 
 
-def run_demo(out: Path, *, minutes: float = 5.0, seed: int = 0) -> dict[str, Any]:
+def run_demo(
+    out: Path,
+    *,
+    minutes: float = 5.0,
+    seed: int = 0,
+    n_train: int = DEMO_TRAIN_CASES,
+    n_test: int = DEMO_TEST_CASES,
+    size: int = DEMO_SIZE,
+) -> dict[str, Any]:
     """Run the whole demo; print where everything is and the lesion-level results.
+
+    Args:
+        out: output folder.
+        minutes: whole budget; training gets what synthesis leaves, less a reserve for
+            prediction and evaluation.
+        seed: seeds the phantoms and the training.
+        n_train: training phantoms (4 folds: a quarter of them validate).
+        n_test: held-out test phantoms.
+        size: phantom edge in voxels.
 
     Returns:
         The evaluation summary (``summary.json``'s content).
@@ -70,16 +87,13 @@ def run_demo(out: Path, *, minutes: float = 5.0, seed: int = 0) -> dict[str, Any
 
     start = time.perf_counter()
     out = Path(out)
-    spec = synthetic.PhantomSpec(size=DEMO_SIZE, channels=2)
+    spec = synthetic.PhantomSpec(size=size, channels=2)
     dataset = synthetic.write_dataset(
-        out / "data", DEMO_TRAIN_CASES, seed, spec, n_test=DEMO_TEST_CASES, overwrite=True,
-        progress=True,
-    )  # fmt: skip
-    print(
-        f"synthetic data: {DEMO_TRAIN_CASES} training + {DEMO_TEST_CASES} test cases in {dataset}"
+        out / "data", n_train, seed, spec, n_test=n_test, overwrite=True, progress=True
     )
+    print(f"synthetic data: {n_train} training + {n_test} test cases in {dataset}")
     used = (time.perf_counter() - start) / 60.0
-    cfg = demo_config(dataset, max(minutes - used, 0.5), seed)
+    cfg = demo_config(dataset, max(minutes - used, 0.05), seed)
     run_dir = out / "run"
     if (run_dir / "checkpoints" / "last.pt").exists():
         import shutil
