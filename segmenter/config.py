@@ -194,9 +194,10 @@ class TrainConfig:
             ``lesion_recall``.
         device: ``auto``, ``cpu`` or ``cuda``.
         threads: torch CPU threads (null: all cores).
-        tune_threshold: after training, pick the probability threshold that maximises pooled
-            lesion F1 on this fold's validation cases (best checkpoint, no TTA) and store it in
-            the run as predict's default; false keeps ``inference.threshold``.
+        tune_threshold: after training, pick the probability threshold that maximises the mean
+            of pooled lesion F1 and voxel Dice on this fold's validation cases (best checkpoint,
+            no TTA) and store it in the run as predict's default; false keeps
+            ``inference.threshold``.
     """
 
     seed: int = 0

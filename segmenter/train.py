@@ -160,21 +160,17 @@ def validate(
     *,
     device: torch.device,
     dtype: torch.dtype | None,
-) -> tuple[dict[str, Any], list[report.CaseResult]]:
+) -> tuple[dict[str, Any], list[report.CaseResult], list[np.ndarray]]:
     """Predict held-out cases whole (sliding window, no TTA) and score them.
 
     Returns:
-        The ``summary.json`` structure and the per-case results.
+        The ``summary.json`` structure, the per-case results and the foreground probability
+        maps (cropped grids), which threshold tuning reuses for the best checkpoint.
     """
-    model.eval()
     rule = metrics.PRESETS[cfg.evaluation.preset]
     results = []
-    for case in cases:
-        logits = predict_logits(
-            model, case.image, tuple(plan["patch_size"]), cfg.inference, device=device,
-            dtype=dtype, tta=False,
-        )  # fmt: skip
-        prob = foreground_probability(logits, plan["activation"])
+    probs = validation_probabilities(model, cases, cfg, plan, device=device, dtype=dtype)
+    for case, prob in zip(cases, probs, strict=True):
         pred = probabilities_to_mask(
             prob, case.spacing, threshold=cfg.inference.threshold,
             min_lesion_mm3=cfg.inference.min_lesion_mm3,
@@ -187,8 +183,29 @@ def validate(
                 cfg.evaluation.size_bins_mm3, labels=[1],
             )
         )  # fmt: skip
+    return report.summarise(results, cfg.evaluation.preset, rule), results, probs
+
+
+def validation_probabilities(
+    model: torch.nn.Module,
+    cases: Sequence[PreprocessedCase],
+    cfg: Config,
+    plan: dict[str, Any],
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> list[np.ndarray]:
+    """Foreground probabilities ``(X, Y, Z)`` of whole preprocessed cases (no TTA)."""
+    model.eval()
+    probs = []
+    for case in cases:
+        logits = predict_logits(
+            model, case.image, tuple(plan["patch_size"]), cfg.inference, device=device,
+            dtype=dtype, tta=False,
+        )  # fmt: skip
+        probs.append(foreground_probability(logits, plan["activation"]))
     model.train()
-    return report.summarise(results, cfg.evaluation.preset, rule), results
+    return probs
 
 
 THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 .. 0.90
@@ -201,7 +218,11 @@ def tune_threshold(
     cfg: Config,
     grid: Sequence[float] = THRESHOLD_GRID,
 ) -> tuple[float, list[dict[str, float]]]:
-    """The threshold with the best pooled lesion F1 (ties: higher mean Dice, then closer to 0.5).
+    """The threshold with the best mean of pooled lesion F1 and voxel Dice (ties: nearer 0.5).
+
+    Lesion F1 alone rewards a low threshold that merges every lesion into one large false blob
+    (any overlap detects them all, and the blob is a true positive); Dice alone ignores small
+    lesions. Their mean needs both.
 
     Args:
         probabilities: per case ``(X, Y, Z)`` foreground probabilities.
@@ -238,10 +259,10 @@ def tune_threshold(
             "dice": float(np.mean(dices)) if dices else math.nan,
         })  # fmt: skip
 
-    def key(row: dict[str, float]) -> tuple[float, float, float]:
-        f1 = -1.0 if math.isnan(row["f1"]) else row["f1"]
-        dice = -1.0 if math.isnan(row["dice"]) else row["dice"]
-        return (round(f1, 6), round(dice, 6), -abs(row["threshold"] - 0.5))
+    def key(row: dict[str, float]) -> tuple[float, float]:
+        f1 = 0.0 if math.isnan(row["f1"]) else row["f1"]
+        dice = 0.0 if math.isnan(row["dice"]) else row["dice"]
+        return (round(0.5 * (f1 + dice), 6), -abs(row["threshold"] - 0.5))
 
     best = max(rows, key=key)
     return float(best["threshold"]), rows
@@ -425,6 +446,7 @@ def _fit(
     best, best_epoch = -math.inf, -1
     history: list[dict[str, float]] = []
     ema: float | None = None
+    best_probs: list[np.ndarray] | None = None  # validation probabilities of best.pt
     if resume:
         state = load_checkpoint(run / "checkpoints" / "last.pt", map_location=device)
         model.load_state_dict(state["model"])
@@ -486,7 +508,9 @@ def _fit(
         }  # fmt: skip
         if epoch % t.val_every == 0 or epoch == t.epochs or stop_now:
             v0 = time.perf_counter()
-            summary, results = validate(model, val_cases, cfg, plan, device=device, dtype=dtype)
+            summary, results, probs = validate(
+                model, val_cases, cfg, plan, device=device, dtype=dtype
+            )
             val_seconds = time.perf_counter() - v0
             row.update(_score(summary))
             ema = _ema(ema, row[best_key])
@@ -497,6 +521,7 @@ def _fit(
                 _save(run / "checkpoints" / "best.pt", model, optimizer, cfg, plan, epoch, step,
                       time.perf_counter() - started, best, best_epoch, history + [row])  # fmt: skip
                 report.write_report(results, summary, run)
+                best_probs = probs
             log.info(
                 "epoch %d: loss %.4f, val Dice %.3f, lesion recall %.3f, precision %.3f, F1 %.3f",
                 epoch, row["train_loss"], row["val_dice"], row["val_lesion_recall"],
@@ -523,7 +548,9 @@ def _fit(
         last = load_checkpoint(run / "checkpoints" / "last.pt")
         save_checkpoint(run / "checkpoints" / "best.pt", last)
     if t.tune_threshold and val_cases and best_epoch >= 0:
-        _tune_and_store_threshold(model, val_cases, cfg, plan, run, device=device, dtype=dtype)
+        _tune_and_store_threshold(
+            model, val_cases, best_probs, cfg, plan, run, device=device, dtype=dtype
+        )
     seconds = time.perf_counter() - started
     wait_fraction = wait_total / step_total if step_total else 0.0
     log.info(
@@ -537,6 +564,7 @@ def _fit(
 def _tune_and_store_threshold(
     model: torch.nn.Module,
     val_cases: Sequence[PreprocessedCase],
+    probs: list[np.ndarray] | None,
     cfg: Config,
     plan: dict[str, Any],
     run: Path,
@@ -544,20 +572,18 @@ def _tune_and_store_threshold(
     device: torch.device,
     dtype: torch.dtype | None,
 ) -> None:
-    """Tune predict's default threshold on the best checkpoint's validation probabilities."""
-    best_path = run / "checkpoints" / "best.pt"
-    state = load_checkpoint(best_path, map_location=device)
-    model.load_state_dict(state["model"])
-    model.eval()
-    probs, refs = [], []
-    for case in val_cases:
-        logits = predict_logits(
-            model, case.image, tuple(plan["patch_size"]), cfg.inference, device=device,
-            dtype=dtype, tta=False,
-        )  # fmt: skip
-        probs.append(foreground_probability(logits, plan["activation"]))
-        ref = case.label if case.label is not None else np.zeros(case.image.shape[1:], np.uint8)
-        refs.append((ref > 0).astype(np.uint8))
+    """Tune predict's default threshold on the best checkpoint's validation probabilities
+    (kept from the validation that saved ``best.pt``; recomputed only after a resume)."""
+    state = load_checkpoint(run / "checkpoints" / "best.pt", map_location=device)
+    if probs is None:
+        model.load_state_dict(state["model"])
+        probs = validation_probabilities(model, val_cases, cfg, plan, device=device, dtype=dtype)
+    refs = [
+        (c.label > 0).astype(np.uint8)
+        if c.label is not None
+        else np.zeros(c.image.shape[1:], np.uint8)
+        for c in val_cases
+    ]
     threshold, rows = tune_threshold(probs, refs, [c.spacing for c in val_cases], cfg)
     chosen = next(r for r in rows if r["threshold"] == threshold)
     default = min(rows, key=lambda r: abs(r["threshold"] - cfg.inference.threshold))
@@ -568,7 +594,11 @@ def _tune_and_store_threshold(
         default["f1"], default["dice"],
     )  # fmt: skip
     plan["threshold"] = threshold
-    plan["threshold_tuning"] = {"criterion": "pooled lesion F1", "tta": False, "rows": rows}
+    plan["threshold_tuning"] = {
+        "criterion": "mean of pooled lesion F1 and mean voxel Dice",
+        "tta": False,
+        "rows": rows,
+    }
     for name in ("best", "last"):
         path = run / "checkpoints" / f"{name}.pt"
         ckpt = state if name == "best" else load_checkpoint(path)

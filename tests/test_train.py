@@ -222,9 +222,23 @@ def test_threshold_tuning_picks_the_best_lesion_f1() -> None:
     assert next(r for r in rows if r["threshold"] == 0.1)["precision"] < 1.0
 
 
+def test_threshold_tuning_does_not_reward_one_blob_over_every_lesion() -> None:
+    from segmenter.train import tune_threshold
+
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[2:4, 2:4, 2:4] = ref[12:14, 12:14, 12:14] = 1
+    prob = np.full(ref.shape, 0.2, np.float32)  # low everywhere: at 0.1 one blob covers all
+    prob[2:4, 2:4, 2:4] = prob[12:14, 12:14, 12:14] = 0.9
+    prob[12, 12, 12] = 0.6
+    threshold, rows = tune_threshold([prob], [ref], [(1.0, 1.0, 1.0)], load_config(None, []))
+    blob = next(r for r in rows if r["threshold"] == 0.1)
+    assert blob["f1"] == 1.0 and blob["dice"] < 0.01  # lesion F1 alone would take the blob
+    assert threshold > 0.2
+
+
 def test_tuned_threshold_is_stored_in_the_run(trained_run: Path) -> None:
     plan = json.loads((trained_run / "plan.json").read_text())
     state = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=True)
-    assert plan["threshold_tuning"]["criterion"] == "pooled lesion F1"
+    assert "pooled lesion F1" in plan["threshold_tuning"]["criterion"]
     assert state["plan"]["threshold"] == plan["threshold"]
     assert len(plan["threshold_tuning"]["rows"]) == 17
