@@ -35,7 +35,7 @@ def demo_config(dataset: Path | str, minutes: float, seed: int = 0) -> Config:
             "sampling": "lesion",
             "num_workers": 0,
         },
-        "model": {"depth": 4, "base_filters": 16, "max_filters": 128},
+        "model": {"depth": 4, "base_filters": 8, "max_filters": 64},
         "loss": {
             "name": "focal_dice",
             "gamma": 2.0,
