@@ -21,30 +21,13 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from segmenter import metrics
 from segmenter.io import read_image
+from segmenter.synthetic import PERTURBATIONS, perturb_mask
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("erode", "dilate", "shift", "drop", "noise")
-
-
-def synthetic_prediction(ref: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A plausible prediction made from a reference mask (benchmark input only)."""
-    if kind == "erode":
-        return ndimage.binary_erosion(ref)
-    if kind == "dilate":
-        return ndimage.binary_dilation(ref)
-    if kind == "shift":
-        return np.roll(ref, (1, -1, 1), axis=(0, 1, 2))
-    if kind == "drop":
-        lab, n = ndimage.label(ref, np.ones((3, 3, 3)))
-        keep = rng.random(n + 1) > 0.3
-        keep[0] = False
-        return keep[lab]
-    flip = rng.random(ref.shape)
-    return (ref & (flip > 0.25)) | (ndimage.binary_dilation(ref) & (flip < 0.2))
+KINDS = PERTURBATIONS
 
 
 def best_of(repeats: int, fn: Callable[..., object], *args: object, **kwargs: object) -> float:
@@ -102,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         img = read_image(path)
         ref = img.array > 0
         kind = KINDS[i % len(KINDS)]
-        pred = synthetic_prediction(ref, kind, rng)
+        pred = perturb_mask(ref, kind, rng)
         pred_u8, ref_u8 = pred.astype(np.uint8), ref.astype(np.uint8)
         s = metrics.lesion_metrics(pred, ref, img.spacing).summary
         ours = best_of(args.repeats, metrics.lesion_metrics, pred, ref, img.spacing)
@@ -170,7 +153,7 @@ def process_timing(files: list[Path], repeats: int, seed: int) -> None:
         for i, path in enumerate(files):
             img = read_image(path)
             ref = (img.array > 0).astype(np.uint8)
-            pred = synthetic_prediction(ref > 0, KINDS[i % len(KINDS)], rng).astype(np.uint8)
+            pred = perturb_mask(ref > 0, KINDS[i % len(KINDS)], rng).astype(np.uint8)
             write_like(root / "ref" / path.name, ref, img)
             write_like(root / "pred" / path.name, pred, img)
         ours_cmd = [

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -164,44 +164,33 @@ def _fold(text: str) -> int | str:
     return value
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in (0, 1), got {value}")
-    return value
+def _number(
+    kind: type, *, low: float | None = None, high: float | None = None, strict: bool = False
+) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` (int or float) within ``[low, high]`` (open with ``strict``)."""
+    lo_word = ">" if strict else ">="
+    name = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        too_low = low is not None and (value <= low if strict else value < low)
+        too_high = high is not None and (value >= high if strict else value > high)
+        if too_low or too_high:
+            bounds = [f"{lo_word} {low:g}"] if low is not None else []
+            bounds += [f"{'<' if strict else '<='} {high:g}"] if high is not None else []
+            raise argparse.ArgumentTypeError(f"expected {name} {' and '.join(bounds)}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+_probability = _number(float, low=0.0, high=1.0, strict=True)
+_non_negative_float = _number(float, low=0.0)
+_positive_float = _number(float, low=0.0, strict=True)
+_positive_int = _number(int, low=1)
 
 
 def build_parser() -> argparse.ArgumentParser:

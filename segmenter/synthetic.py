@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.spatial.transform import Rotation
 from scipy.special import expit
 from tqdm import tqdm
 
@@ -297,13 +298,8 @@ class _Grid:
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
-    """Rotation matrix Rz @ Ry @ Rx for angles in radians (about x, y, z)."""
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    """Rotation matrix Rz @ Ry @ Rx: about fixed X, then Y, then Z by ``angles`` (radians)."""
+    return Rotation.from_euler("xyz", angles).as_matrix()
 
 
 def _soft(thr: float | np.ndarray, f: np.ndarray, width: float) -> np.ndarray:
@@ -776,3 +772,39 @@ __all__ = [
     "make_phantom",
     "write_dataset",
 ]
+
+
+PERTURBATIONS = ("erode", "dilate", "shift", "drop", "noise")
+
+
+def perturb_mask(mask: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A plausible imperfect 'prediction' made from a binary mask, for metric tests and benchmarks.
+
+    Args:
+        mask: ``(X, Y, Z)`` bool reference mask.
+        kind: ``erode`` / ``dilate`` (one voxel), ``shift`` (one voxel along each axis),
+            ``drop`` (about 30 % of the 26-connected lesions removed) or ``noise`` (boundary
+            noise that splits lesions and adds small false positives).
+        rng: random generator (``drop`` and ``noise``).
+
+    Returns:
+        ``(X, Y, Z)`` bool mask.
+    """
+    from scipy import ndimage
+
+    ref = np.asarray(mask, dtype=bool)
+    if kind == "erode":
+        return ndimage.binary_erosion(ref)
+    if kind == "dilate":
+        return ndimage.binary_dilation(ref)
+    if kind == "shift":
+        return np.roll(ref, (1, -1, 1), axis=(0, 1, 2))
+    if kind == "drop":
+        lab, n = ndimage.label(ref, np.ones((3, 3, 3)))
+        keep = rng.random(n + 1) > 0.3
+        keep[0] = False
+        return keep[lab]
+    if kind == "noise":
+        flip = rng.random(ref.shape)
+        return (ref & (flip > 0.25)) | (ndimage.binary_dilation(ref) & (flip < 0.2))
+    raise ValueError(f"unknown perturbation {kind!r}; valid: {', '.join(PERTURBATIONS)}")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial.transform import Rotation
 
 from segmenter.config import AugmentConfig
 
@@ -56,13 +57,8 @@ class SpatialParams:
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:
-    """Rotation matrix about X, then Y, then Z by ``angles`` (radians)."""
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    """Rotation matrix Rz @ Ry @ Rx: about fixed X, then Y, then Z by ``angles`` (radians)."""
+    return Rotation.from_euler("xyz", angles).as_matrix()
 
 
 def sample_spatial(cfg: AugmentConfig, gen: np.random.Generator) -> SpatialParams:

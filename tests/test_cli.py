@@ -115,6 +115,12 @@ def test_usage_errors_exit_2_and_help_exits_0(capsys: pytest.CaptureFixture[str]
     assert main(["no-such-command"]) == 2
     assert main(["evaluate", "--pred", "x"]) == 2  # --ref missing
     assert main(["evaluate", "--pred", "x", "--ref", "y", "--preset", "nope"]) == 2
+    assert main(["synth", "--out", "x", "--cases", "0"]) == 2
+    assert (
+        main(["predict", "--model", "r", "--input", "i", "--output", "o", "--threshold", "1.2"])
+        == 2
+    )
+    assert main(["demo", "--minutes", "-1"]) == 2
     assert main(["--help"]) == 0
     capsys.readouterr()
 

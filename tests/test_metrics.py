@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from segmenter import metrics
 from segmenter.lesions import PRESETS, LesionRule
+from segmenter.synthetic import perturb_mask
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MASKS = DATA / "MSLesjak_masks_only"
@@ -501,24 +502,6 @@ def test_anima_rule_matches_naive_anima():
 # ---------------------------------------------------------------- real masks against panoptica
 
 
-def perturb(ref: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """Synthetic prediction from a real lesion mask."""
-    if kind == "erode":
-        return ndimage.binary_erosion(ref)
-    if kind == "dilate":
-        return ndimage.binary_dilation(ref)
-    if kind == "shift":
-        return np.roll(ref, (1, -1, 1), axis=(0, 1, 2))
-    if kind == "drop":
-        lab, n = ndimage.label(ref, np.ones((3, 3, 3)))
-        keep = rng.random(n + 1) > 0.3
-        keep[0] = False
-        return keep[lab]
-    # boundary noise: splits lesions, changes IoU around 0.5, adds small false positives
-    flip = rng.random(ref.shape)
-    return (ref & (flip > 0.25)) | (ndimage.binary_dilation(ref) & (flip < 0.2))
-
-
 @pytest.mark.realdata
 def test_panoptica_preset_matches_panoptica_on_real_masks():
     if not MASKS.is_dir():
@@ -541,7 +524,7 @@ def test_panoptica_preset_matches_panoptica_on_real_masks():
         img = read_image(MASKS / f"{case}_gt.nii.gz")
         ref = img.array > 0
         for kind in ("erode", "dilate", "shift", "drop", "noise"):
-            pred = perturb(ref, kind, rng)
+            pred = perturb_mask(ref, kind, rng)
             ours = metrics.lesion_metrics(pred, ref, img.spacing, "panoptica").summary
             theirs = evaluator.evaluate(
                 pred.astype(np.uint8), ref.astype(np.uint8), voxelspacing=img.spacing
