@@ -326,11 +326,26 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def _prepare(cfg: Config, run: Path, fold: int | str, progress: bool) -> tuple[Any, ...]:
+def _training_dataset(cfg: Config, fold: int | str) -> Dataset:
+    """Load the dataset and check the fold before anything is written (fails in milliseconds)."""
     root = resolve_dataset(cfg)
     dataset = load_dataset(root)
     if not dataset.training:
         raise InputError(f"{root}: no training cases")
+    if fold != "all":
+        if not 0 <= int(fold) < cfg.train.n_folds:
+            raise InputError(f"--fold {fold} out of range 0..{cfg.train.n_folds - 1}")
+        if len(dataset.training) < cfg.train.n_folds:
+            raise InputError(
+                f"{root}: {len(dataset.training)} training cases, fewer than train.n_folds="
+                f"{cfg.train.n_folds}; lower train.n_folds"
+            )
+    return dataset
+
+
+def _prepare(
+    cfg: Config, dataset: Dataset, run: Path, fold: int | str, progress: bool
+) -> tuple[dict[str, Any], list[PreprocessedCase], list[PreprocessedCase]]:
     cases = preprocess_dataset(
         dataset.training, crop_to_nonzero=cfg.data.crop_to_nonzero, workers=2, progress=progress
     )
@@ -341,8 +356,6 @@ def _prepare(cfg: Config, run: Path, fold: int | str, progress: bool) -> tuple[A
         splits = [split]
     else:
         splits = make_splits(ids, burdens, cfg.train.n_folds, cfg.train.seed)
-        if not 0 <= int(fold) < len(splits):
-            raise InputError(f"--fold {fold} out of range 0..{len(splits) - 1}")
         split = splits[int(fold)]
     by_id = {c.case_id: c for c in cases}
     train_cases = [by_id[c] for c in split["train"]]
@@ -351,7 +364,7 @@ def _prepare(cfg: Config, run: Path, fold: int | str, progress: bool) -> tuple[A
     plan["fold"] = fold
     write_text(run / "splits.json", json.dumps(splits, indent=2))
     write_text(run / "plan.json", json.dumps(plan, indent=2))
-    return dataset, plan, train_cases, val_cases
+    return plan, train_cases, val_cases
 
 
 def fit(
@@ -383,13 +396,14 @@ def fit(
         raise InputError(f"{run}: nothing to resume (no checkpoints/last.pt)")
     if not resume and last_path.exists():
         raise InputError(f"{run}: already holds a trained run (use --resume or another --out)")
+    dataset = _training_dataset(cfg, fold)
     run.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     pkg_log = logging.getLogger("segmenter")
     pkg_log.addHandler(handler)
     try:
-        return _fit(cfg, run, fold, resume, progress, should_stop)
+        return _fit(cfg, dataset, run, fold, resume, progress, should_stop)
     finally:
         pkg_log.removeHandler(handler)
         handler.close()
@@ -417,6 +431,7 @@ def tune_allocator() -> bool:
 
 def _fit(
     cfg: Config,
+    dataset: Dataset,
     run: Path,
     fold: int | str,
     resume: bool,
@@ -431,7 +446,7 @@ def _fit(
     if device.type == "cpu":
         tune_allocator()
     save_config(cfg, run / "config.yaml")
-    _, plan, train_cases, val_cases = _prepare(cfg, run, fold, progress)
+    plan, train_cases, val_cases = _prepare(cfg, dataset, run, fold, progress)
     log.info(
         "fold %s: %d training, %d validation cases; device %s, autocast %s",
         fold, len(train_cases), len(val_cases), device, dtype,

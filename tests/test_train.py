@@ -168,6 +168,20 @@ def test_predict_bad_inputs_exit_2_and_write_nothing(
     assert "input not found" in run(ch0, tmp_path / "missing_0001.nii.gz")
 
 
+def test_bad_dataset_or_fold_fails_before_anything_is_written(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config_file), "--out", str(run)]
+    assert main([*argv, "--set", "data.dataset=/nonexistent/Dataset001_X"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main([*argv, "--fold", "3"]) == 2  # n_folds is 3 in the tiny config
+    assert "--fold 3 out of range 0..2" in capsys.readouterr().err
+    assert main([*argv, "--set", "train.n_folds=7"]) == 2
+    assert "fewer than train.n_folds=7" in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_unknown_config_key_exit_2(
     config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
