@@ -145,6 +145,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from segmenter import config as config_mod
+    from segmenter import experiments
+
+    base = config_mod.load_config(args.config, args.set)
+    variants = experiments.load_variants(args.variants, base)
+    results = experiments.compare(
+        base, variants, args.out, minutes=args.minutes, progress=True,
+        variant_progress=_progress("compare", unit="variant"),
+    )  # fmt: skip
+    print(f"{'variant':<16} {'held-out':>8} {'Dice':>6} {'recall':>7} {'prec':>6} {'F1':>6}  run")
+    for r in results:
+        fg, pooled = r.summary["foreground_mean"], r.summary["lesion"]["pooled"]
+        print(
+            f"{r.variant.name:<16} {r.summary['n_cases']:>8} {_fmt(fg['Dice']):>6} "
+            f"{_fmt(pooled['recall']):>7} {_fmt(pooled['precision']):>6} {_fmt(pooled['f1']):>6}  "
+            f"{'trained' if r.trained_now else 'skipped (finished before)'}"
+        )
+    print(f"wrote {Path(args.out) / 'comparison.csv'}")
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return "nan" if value is None or value != value else f"{value:.3f}"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from segmenter import demo
 
@@ -265,6 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write float32 probability maps (OUTPUT/probabilities/)",
     )  # fmt: skip
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("compare", help="train and evaluate several variants of a config")
+    p.add_argument("--config", required=True, help="base YAML config (data, model, split...)")
+    p.add_argument("--variants", required=True, help="YAML file: variants: {name: {key: value}}")
+    p.add_argument("--out", required=True, help="comparison folder (finished variants are kept)")
+    p.add_argument(
+        "--minutes", type=_positive_float, help="training budget per variant (train.max_minutes)"
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a key of the base config (repeatable)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> predict -> evaluate")
     p.add_argument("--out", default="segmenter_demo", help="output folder (default segmenter_demo)")

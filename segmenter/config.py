@@ -404,7 +404,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     Raises:
         ConfigError: malformed override, unknown key or a value of the wrong type.
     """
-    data = config_to_dict(cfg)
+    values: list[tuple[str, Any]] = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -414,8 +414,21 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        values.append((key, value))
+    return apply_values(cfg, values)
+
+
+def apply_values(cfg: Config, values: list[tuple[str, Any]] | dict[str, Any]) -> Config:
+    """Set dotted keys (``loss.gamma``) to already-parsed values, in order; type-checked.
+
+    Raises:
+        ConfigError: unknown section or key (the message lists the valid ones), wrong type.
+    """
+    data = config_to_dict(cfg)
+    items = list(values.items()) if isinstance(values, dict) else list(values)
+    for key, value in items:
         node: dict[str, Any] = data
-        parts = key.split(".")
+        parts = str(key).split(".")
         walked: list[str] = []
         for part in parts[:-1]:
             walked.append(part)
@@ -423,15 +436,15 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
             if not isinstance(child, dict):
                 valid = ", ".join(k for k, v in node.items() if isinstance(v, dict))
                 raise ConfigError(
-                    f"unknown config section '{'.'.join(walked)}' in override {item!r}; "
+                    f"unknown config section '{'.'.join(walked)}' in override '{key}'; "
                     f"valid sections: {valid}"
                 )
             node = child
-        if parts[-1] not in node:
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
             section = ".".join(parts[:-1]) or "the top level"
+            valid = ", ".join(k for k, v in node.items() if not isinstance(v, dict))
             raise ConfigError(
-                f"unknown config key '{key}' in override; valid keys in {section}: "
-                f"{', '.join(node)}"
+                f"unknown config key '{key}' in override; valid keys in {section}: {valid}"
             )
         node[parts[-1]] = value
     return config_from_dict(data)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from segmenter import metrics
-from segmenter.atomic import atomic_path, write_text
+from segmenter.atomic import write_text
 
 VOXEL_KEYS = ("Dice", "IoU", "precision", "recall", "HD95", "volume_diff_ml")
 COUNT_KEYS = ("TP", "FP", "FN", "TN", "n_pred", "n_ref")
@@ -294,10 +294,14 @@ def format_table(summary: dict[str, Any], max_rows: int = 30) -> str:
     return "\n".join(lines)
 
 
+def summary_json(summary: dict[str, Any]) -> str:
+    """``summary.json`` text: strict JSON, NaN written as null and infinities as strings."""
+    return json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+
+
 def write_report(results: list[CaseResult], summary: dict[str, Any], out_dir: str | Path) -> None:
     """Write ``summary.json`` (NaN as null) and ``lesions.csv`` into ``out_dir`` atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "lesions.csv", lesions_csv_text(results))
-    with atomic_path(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False), "utf-8")
+    write_text(out / "summary.json", summary_json(summary))

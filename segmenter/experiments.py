@@ -1,0 +1,226 @@
+"""Compare settings: several trainings that differ only in the keys a variant sets.
+
+Every variant trains on the same data, split (the same fold of the same seeded ``splits.json``),
+seed and wall-clock budget, and is scored on the same held-out cases with ``evaluate``'s
+summary: the dataset's test cases (``imagesTs`` with ``labelsTs``) when it has them, else the
+fold's validation cases. ``comparison.csv`` holds one row per variant and case. A finished variant
+(its ``summary.json`` written) is skipped on a rerun, so an interrupted comparison resumes.
+
+Variants file (YAML)::
+
+    variants:
+      dice:        {loss.name: dice}
+      bce:         {loss.name: focal, loss.gamma: 0.0}
+      focal_dice:  {}                      # the base config as it is
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from segmenter.atomic import write_text
+from segmenter.config import Config, ConfigError, apply_values, save_config
+from segmenter.errors import InputError
+from segmenter.report import summary_json
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = (
+    "variant", "case_id", "dice", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1",
+    "lesion_dice", "n_ref", "n_pred", "tp", "fp", "fn", "train_minutes", "epochs", "steps",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting to compare: a name and the dotted keys it changes."""
+
+    name: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """A finished variant: its folder, its evaluation summary and whether this call trained it."""
+
+    variant: Variant
+    folder: Path
+    summary: dict[str, Any]
+    trained_now: bool
+
+
+def load_variants(path: str | Path, base: Config) -> list[Variant]:
+    """Read a variants file and check every variant against ``base`` (keys and types).
+
+    Raises:
+        InputError: missing or malformed file, an unknown key or a wrongly typed value (one line
+            naming the variant).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: variants file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
+        raise InputError(f"{p}: expected a mapping 'variants: {{name: {{key: value}}}}'")
+    variants = []
+    for name, values in data["variants"].items():
+        values = values or {}
+        if not isinstance(values, dict):
+            raise InputError(f"{p}: variant '{name}' must map dotted keys to values")
+        if not str(name).replace("_", "").replace("-", "").isalnum():
+            raise InputError(f"{p}: variant name '{name}' must be letters, digits, - or _")
+        try:
+            apply_values(base, values)
+        except ConfigError as exc:
+            raise InputError(f"{p}: variant '{name}': {exc}") from None
+        variants.append(Variant(str(name), {str(k): v for k, v in values.items()}))
+    if not variants:
+        raise InputError(f"{p}: no variants")
+    return variants
+
+
+def variant_config(base: Config, variant: Variant, minutes: float | None) -> Config:
+    """The base config with the variant's keys set (and the shared budget, when given)."""
+    values = dict(variant.values)
+    if minutes is not None:
+        values["train.max_minutes"] = float(minutes)
+    return apply_values(base, values)
+
+
+def _summary_path(folder: Path) -> Path:
+    return folder / "evaluation" / "summary.json"
+
+
+def run_variant(
+    base: Config, variant: Variant, out: Path, minutes: float | None, progress: bool
+) -> VariantResult:
+    """Train, predict and evaluate one variant (or load its finished result)."""
+    folder = out / "variants" / variant.name
+    done = _summary_path(folder)
+    if done.is_file():
+        log.info("variant %s: finished before, skipped", variant.name)
+        return VariantResult(variant, folder, json.loads(done.read_text()), False)
+    from segmenter import evaluate, train
+    from segmenter.data import load_dataset
+    from segmenter.inference import load_predictor
+    from segmenter.predict import PredictOptions, predict_all
+
+    cfg = variant_config(base, variant, minutes)
+    run = folder / "run"
+    resume = (run / "checkpoints" / "last.pt").is_file()
+    result = train.fit(cfg, run, fold=0, resume=resume, progress=progress)
+    dataset = load_dataset(train.resolve_dataset(cfg))
+    test_labels = dataset.root / "labelsTs"
+    if dataset.test and test_labels.is_dir():
+        predictor = load_predictor(run)
+        predict_all(
+            predictor, [dataset.root / "imagesTs"], folder / "predictions", PredictOptions()
+        )
+        summary = evaluate.evaluate_folders(
+            folder / "predictions", test_labels, preset=cfg.evaluation.preset,
+            size_bins_mm3=cfg.evaluation.size_bins_mm3, out_dir=folder / "evaluation",
+        )  # fmt: skip
+        summary["held_out"] = "test cases (imagesTs/labelsTs)"
+    else:  # no test set: the fold's validation cases, scored during training
+        summary = json.loads((run / "summary.json").read_text())
+        summary["held_out"] = "validation cases of fold 0"
+    summary["training"] = {
+        "minutes": result.seconds / 60.0, "epochs": result.epochs, "steps": result.steps,
+    }  # fmt: skip
+    save_config(cfg, folder / "config.yaml")
+    text = summary_json(summary)
+    write_text(done, text)
+    return VariantResult(variant, folder, json.loads(text), True)
+
+
+def comparison_rows(results: Iterable[VariantResult]) -> list[dict[str, Any]]:
+    """One row per variant and held-out case (voxel Dice of the foreground, lesion counts)."""
+    rows = []
+    for r in results:
+        training = r.summary.get("training", {})
+        for case in r.summary["metric_per_case"]:
+            voxel = list(case["metrics"].values())
+            les = case["lesion"]
+            rows.append({
+                "variant": r.variant.name,
+                "case_id": case.get("case_id", Path(case["reference_file"]).name),
+                "dice": _mean([m.get("Dice") for m in voxel]),
+                "hd95_mm": _mean([m.get("HD95") for m in voxel]),
+                "lesion_recall": les.get("recall"),
+                "lesion_precision": les.get("precision"),
+                "lesion_f1": les.get("f1"),
+                "lesion_dice": les.get("lesion_dice"),
+                "n_ref": les.get("n_ref"), "n_pred": les.get("n_pred"),
+                "tp": les.get("tp"), "fp": les.get("fp"), "fn": les.get("fn"),
+                "train_minutes": training.get("minutes"),
+                "epochs": training.get("epochs"), "steps": training.get("steps"),
+            })  # fmt: skip
+    return rows
+
+
+def _mean(values: list[Any]) -> float:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _csv_text(rows: list[dict[str, Any]]) -> str:
+    buf = _stdio.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({
+            k: "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+            for k, v in row.items()
+        })  # fmt: skip
+    return buf.getvalue()
+
+
+def compare(
+    base: Config,
+    variants: list[Variant],
+    out: str | Path,
+    *,
+    minutes: float | None = None,
+    progress: bool = True,
+    variant_progress: Callable[[Iterable[Variant], int], Iterable[Variant]] | None = None,
+) -> list[VariantResult]:
+    """Run every variant (skipping finished ones) and write ``OUT/comparison.csv``.
+
+    Args:
+        base: the shared config (data, split, seed, model...).
+        variants: the settings to compare.
+        out: comparison folder; each variant lives in ``OUT/variants/<name>/``.
+        minutes: wall-clock training budget for each variant (``train.max_minutes``).
+        progress: training progress bars.
+        variant_progress: optional wrapper drawing a bar over variants.
+
+    Returns:
+        One result per variant, in the order given.
+    """
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(base, folder / "base_config.yaml")
+    iterable: Iterable[Variant] = variants
+    if variant_progress is not None:
+        iterable = variant_progress(variants, len(variants))
+    results = []
+    start = time.perf_counter()
+    for variant in iterable:
+        results.append(run_variant(base, variant, folder, minutes, progress))
+    write_text(folder / "comparison.csv", _csv_text(comparison_rows(results)))
+    log.info("compared %d variants in %.1f min", len(results), (time.perf_counter() - start) / 60)
+    return results

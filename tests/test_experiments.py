@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from segmenter.cli import main
+from segmenter.config import load_config
+from segmenter.errors import InputError
+from segmenter.experiments import load_variants
+from segmenter.synthetic import PhantomSpec, write_dataset
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+TINY = """\
+data:
+  dataset: {dataset}
+  patch_size: [32, 32, 32]
+  num_workers: 0
+model: {{depth: 3, base_filters: 4, max_filters: 16}}
+train:
+  epochs: 1
+  iterations_per_epoch: 2
+  val_every: 1
+  n_folds: 3
+  precision: fp32
+inference: {{sw_batch_size: 1, tta: false}}
+"""
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path]:
+    dataset = write_dataset(tmp_path, 6, seed=1, spec=PhantomSpec(size=32), n_test=2)
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY.format(dataset=dataset))
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(
+        "variants:\n  dice: {loss.name: dice}\n  bce: {loss.name: focal, loss.gamma: 0.0}\n"
+    )
+    return base, variants
+
+
+def test_compare_two_variants_then_rerun_skips_both(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, variants = setup
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", str(base), "--variants", str(variants), "--out", str(out)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.count(" trained") == 2
+    with open(out / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["variant"] for r in rows}) == ["bce", "dice"]
+    assert len(rows) == 4  # 2 variants x 2 held-out test cases
+    assert {r["case_id"] for r in rows} == {"phantom_test_000", "phantom_test_001"}
+    dice_cfg = load_config(out / "variants" / "dice" / "config.yaml")
+    bce_cfg = load_config(out / "variants" / "bce" / "config.yaml")
+    assert (dice_cfg.loss.name, bce_cfg.loss.name, bce_cfg.loss.gamma) == ("dice", "focal", 0.0)
+    assert dice_cfg.train.seed == bce_cfg.train.seed and dice_cfg.data == bce_cfg.data
+    summary = out / "variants" / "dice" / "evaluation" / "summary.json"
+    stamp = summary.stat().st_mtime_ns
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert second.count("skipped (finished before)") == 2
+    assert summary.stat().st_mtime_ns == stamp
+    with open(out / "comparison.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_variants_are_checked_before_training(setup: tuple[Path, Path], tmp_path: Path) -> None:
+    base, _ = setup
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants:\n  typo: {loss.gamme: 2}\n")
+    with pytest.raises(InputError, match=r"variant 'typo': unknown config key 'loss.gamme'"):
+        load_variants(bad, load_config(base))
+    bad.write_text("variants:\n  wrong: {loss.gamma: high}\n")
+    with pytest.raises(InputError, match=r"variant 'wrong': loss.gamma: expected a number"):
+        load_variants(bad, load_config(base))
+    bad.write_text("- not a mapping\n")
+    with pytest.raises(InputError, match="expected a mapping 'variants:"):
+        load_variants(bad, load_config(base))
+
+
+def test_shipped_loss_comparison_variants_are_valid() -> None:
+    variants = load_variants(CONFIGS / "loss_comparison.yaml", load_config(None, []))
+    names = [v.name for v in variants]
+    assert {"dice", "bce", "focal_g2_a25", "focal_dice_10_1", "dice_ce"} <= set(names)
+    assert len(names) == 11
