@@ -117,7 +117,7 @@ def run_variant(
     from segmenter import evaluate, train
     from segmenter.data import load_dataset
     from segmenter.inference import load_predictor
-    from segmenter.predict import PredictOptions, predict_all
+    from segmenter.predict import PROBABILITY_FOLDER, PredictOptions, predict_all
 
     cfg = variant_config(base, variant, minutes)
     run = folder / "run"
@@ -128,8 +128,11 @@ def run_variant(
     if dataset.test and test_labels.is_dir():
         predictor = load_predictor(run)
         predict_all(
-            predictor, [dataset.root / "imagesTs"], folder / "predictions", PredictOptions()
-        )
+            predictor, [dataset.root / "imagesTs"], folder / "predictions",
+            PredictOptions(save_probabilities=True),
+        )  # fmt: skip
+        points = froc_points(folder / "predictions" / PROBABILITY_FOLDER, test_labels, cfg)
+        write_text(folder / "froc.json", json.dumps(points, indent=2))
         summary = evaluate.evaluate_folders(
             folder / "predictions", test_labels, preset=cfg.evaluation.preset,
             size_bins_mm3=cfg.evaluation.size_bins_mm3, out_dir=folder / "evaluation",
@@ -145,6 +148,74 @@ def run_variant(
     text = summary_json(summary)
     write_text(done, text)
     return VariantResult(variant, folder, json.loads(text), True)
+
+
+FROC_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
+
+
+def froc_points(prob_dir: Path, label_dir: Path, cfg: Config) -> list[dict[str, float]]:
+    """Lesion recall and false-positive lesions per case over thresholds (FROC-style).
+
+    Args:
+        prob_dir: probability maps ``{case}.nii.gz`` (float32 in [0, 1]).
+        label_dir: reference label maps with the same names.
+        cfg: lesion rule (``evaluation.preset``) and minimum lesion size.
+
+    Returns:
+        One point per threshold: ``threshold``, ``recall`` (pooled), ``fp_per_case``.
+    """
+    from segmenter import metrics
+    from segmenter.io import read_image
+    from segmenter.postprocess import probabilities_to_mask
+
+    rule = metrics.PRESETS[cfg.evaluation.preset]
+    cases = []
+    for prob_path in sorted(prob_dir.iterdir()):
+        ref_path = label_dir / prob_path.name
+        if ref_path.is_file():
+            prob = read_image(prob_path)
+            cases.append((prob.array, read_image(ref_path).array > 0, prob.spacing))
+    points = []
+    for thr in FROC_THRESHOLDS:
+        tp = fn = fp = 0
+        for prob, ref, spacing in cases:
+            mask = probabilities_to_mask(
+                prob, spacing, threshold=thr, min_lesion_mm3=cfg.inference.min_lesion_mm3
+            )
+            s = metrics.lesion_metrics(mask, ref, spacing, rule=rule).summary
+            tp, fn, fp = tp + s["tp"], fn + s["fn"], fp + s["fp"]
+        points.append({
+            "threshold": thr,
+            "recall": tp / (tp + fn) if tp + fn else math.nan,
+            "fp_per_case": fp / len(cases) if cases else math.nan,
+        })  # fmt: skip
+    return points
+
+
+def write_plots(results: list[VariantResult], rows: list[dict[str, Any]], out: Path) -> None:
+    """The comparison's PNGs: recall by size, Dice/F1 spread, FROC, training curves."""
+    from segmenter import plots
+
+    plots.recall_by_size(
+        {r.variant.name: r.summary["lesion"]["pooled"]["recall_by_size"] for r in results},
+        path=out / "recall_by_size.png",
+    )
+    plots.metric_spread(rows, path=out / "dice_f1_per_variant.png")
+    curves = {
+        r.variant.name: json.loads((r.folder / "froc.json").read_text())
+        for r in results
+        if (r.folder / "froc.json").is_file()
+    }
+    if curves:
+        plots.froc(curves, path=out / "froc.png")
+    histories = {}
+    for r in results:
+        metrics_csv = r.folder / "run" / "metrics.csv"
+        if metrics_csv.is_file():
+            with open(metrics_csv, newline="") as f:
+                histories[r.variant.name] = list(csv.DictReader(f))
+    if histories:
+        plots.training_curves(histories, path=out / "training_curves.png")
 
 
 def comparison_rows(results: Iterable[VariantResult]) -> list[dict[str, Any]]:
@@ -221,6 +292,8 @@ def compare(
     start = time.perf_counter()
     for variant in iterable:
         results.append(run_variant(base, variant, folder, minutes, progress))
-    write_text(folder / "comparison.csv", _csv_text(comparison_rows(results)))
+    rows = comparison_rows(results)
+    write_text(folder / "comparison.csv", _csv_text(rows))
+    write_plots(results, rows, folder)
     log.info("compared %d variants in %.1f min", len(results), (time.perf_counter() - start) / 60)
     return results

@@ -1,0 +1,143 @@
+"""Comparison plots (matplotlib, Agg backend; PNG files, or figures for notebooks).
+
+Every function takes plain data (rows, dicts, arrays) and returns a matplotlib ``Figure``; pass
+``path`` to also write a PNG atomically. No file reading here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segmenter.atomic import atomic_path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path | None) -> Any:
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    return fig
+
+
+def recall_by_size(
+    bins_by_variant: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path | None = None
+) -> Any:
+    """Grouped bars: pooled lesion recall per lesion-size bin (mm3), one colour per variant.
+
+    Args:
+        bins_by_variant: ``{variant: {bin label: {"n", "detected", "recall"}}}`` (the pooled
+            ``recall_by_size`` of each variant's summary).
+        path: optional PNG to write.
+    """
+    plt = _pyplot()
+    variants = list(bins_by_variant)
+    bins = list(next(iter(bins_by_variant.values()), {}))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(bins) * max(1, len(variants)) / 2), 4))
+    width = 0.8 / max(len(variants), 1)
+    for i, name in enumerate(variants):
+        values = [bins_by_variant[name].get(b, {}).get("recall") for b in bins]
+        heights = [0.0 if v is None or math.isnan(v) else v for v in values]
+        ax.bar(np.arange(len(bins)) + i * width, heights, width, label=name)
+    counts = [next(iter(bins_by_variant.values()))[b].get("n", 0) for b in bins]
+    ax.set_xticks(np.arange(len(bins)) + 0.4 - width / 2)
+    ax.set_xticklabels([f"{b}\n(n={int(n)})" for b, n in zip(bins, counts, strict=True)])
+    ax.set_xlabel("reference lesion volume (mm3)")
+    ax.set_ylabel("lesion recall")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def metric_spread(
+    rows: Sequence[Mapping[str, Any]],
+    metrics_to_plot: Sequence[str] = ("dice", "lesion_f1"),
+    path: str | Path | None = None,
+) -> Any:
+    """Per-variant mean (bar) and per-case values (dots) of each metric from comparison rows."""
+    plt = _pyplot()
+    variants = list(dict.fromkeys(str(r["variant"]) for r in rows))
+    fig, axes = plt.subplots(1, len(metrics_to_plot), figsize=(5 * len(metrics_to_plot), 4))
+    axes = np.atleast_1d(axes)
+    rng = np.random.default_rng(0)
+    for ax, metric in zip(axes, metrics_to_plot, strict=True):
+        for i, name in enumerate(variants):
+            vals = [_num(r.get(metric)) for r in rows if r["variant"] == name]
+            vals = [v for v in vals if not math.isnan(v)]
+            if vals:
+                ax.bar(i, float(np.mean(vals)), 0.6, alpha=0.35)
+                ax.scatter(i + rng.uniform(-0.15, 0.15, len(vals)), vals, s=12, color="k")
+        ax.set_xticks(range(len(variants)))
+        ax.set_xticklabels(variants, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(metric)
+        ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def froc(
+    curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path | None = None
+) -> Any:
+    """False-positive lesions per case (x) against lesion recall (y) over thresholds.
+
+    Args:
+        curves: ``{variant: [{"threshold", "fp_per_case", "recall"}, ...]}``.
+        path: optional PNG to write.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, points in curves.items():
+        pts = sorted((p["fp_per_case"], p["recall"]) for p in points)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".", label=name)
+    ax.set_xlabel("false-positive lesions per case")
+    ax.set_ylabel("lesion recall")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def training_curves(
+    histories: Mapping[str, Sequence[Mapping[str, Any]]],
+    key: str = "val_lesion_f1",
+    path: str | Path | None = None,
+) -> Any:
+    """Training loss and one validation metric per epoch, one line per variant."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in histories.items():
+        epochs = [_num(r.get("epoch")) for r in rows]
+        ax_loss.plot(epochs, [_num(r.get("train_loss")) for r in rows], label=name)
+        pts = [(_num(r.get("epoch")), _num(r.get(key))) for r in rows]
+        pts = [p for p in pts if not math.isnan(p[1])]
+        if pts:
+            ax_val.plot(*zip(*pts, strict=True), marker="o", label=name)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_val.set_xlabel("epoch")
+    ax_val.set_ylabel(key)
+    ax_val.set_ylim(0, 1.05)
+    ax_val.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
