@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from segmenter.atomic import write_text
 from segmenter.config import Config, ConfigError, apply_values, save_config
 from segmenter.errors import InputError
+from segmenter.io import suffix_of
 from segmenter.report import summary_json
 
 log = logging.getLogger(__name__)
@@ -208,6 +210,7 @@ def write_plots(results: list[VariantResult], rows: list[dict[str, Any]], out: P
     }
     if curves:
         plots.froc(curves, path=out / "froc.png")
+    _overlay(results, out)
     histories = {}
     for r in results:
         metrics_csv = r.folder / "run" / "metrics.csv"
@@ -216,6 +219,36 @@ def write_plots(results: list[VariantResult], rows: list[dict[str, Any]], out: P
                 histories[r.variant.name] = list(csv.DictReader(f))
     if histories:
         plots.training_curves(histories, path=out / "training_curves.png")
+
+
+def _overlay(results: list[VariantResult], out: Path) -> None:
+    """Slice overlay of the first held-out test case with lesions (test sets only)."""
+    from segmenter import plots
+    from segmenter.io import read_image
+
+    first = results[0].summary["metric_per_case"] if results else []
+    case = next((c for c in first if (c["lesion"].get("n_ref") or 0) > 0), None)
+    if case is None or not Path(case["reference_file"]).is_file():
+        return
+    ref_path = Path(case["reference_file"])
+    ref = read_image(ref_path).array > 0
+    k = int(np.argmax(ref.sum(axis=(0, 1))))  # the slice with the most lesion voxels
+    name = ref_path.name
+    scan_path = (
+        ref_path.parent.parent
+        / "imagesTs"
+        / name.replace(suffix_of(name), f"_0000{suffix_of(name)}")
+    )
+    if not scan_path.is_file():
+        return
+    preds = {}
+    for r in results:
+        pred_path = r.folder / "predictions" / name
+        if pred_path.is_file():
+            preds[r.variant.name] = read_image(pred_path).array[:, :, k] > 0
+    scan = read_image(scan_path).array[:, :, k]
+    title = f"{case.get('case_id', name)}, slice {k}"
+    plots.slice_overlay(scan, ref[:, :, k], preds, title=title, path=out / "slice_overlay.png")
 
 
 def comparison_rows(results: Iterable[VariantResult]) -> list[dict[str, Any]]:

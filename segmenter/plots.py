@@ -136,6 +136,42 @@ def training_curves(
     return _save(fig, path)
 
 
+def slice_overlay(
+    scan: np.ndarray,
+    reference: np.ndarray,
+    predictions: Mapping[str, np.ndarray],
+    title: str = "",
+    path: str | Path | None = None,
+) -> Any:
+    """One slice of a scan with the reference and each variant's prediction outlined.
+
+    Args:
+        scan: ``(X, Y)`` intensities of the slice.
+        reference: ``(X, Y)`` binary reference mask.
+        predictions: ``{variant: (X, Y) binary mask}``.
+        title: figure title (e.g. the case id and slice index).
+        path: optional PNG to write.
+    """
+    plt = _pyplot()
+    n = 1 + len(predictions)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.3))
+    axes = np.atleast_1d(axes)
+    lo, hi = np.percentile(scan, (1, 99)) if scan.size else (0.0, 1.0)
+    panels = [("reference", reference), *predictions.items()]
+    for ax, (name, mask) in zip(axes, panels, strict=True):
+        ax.imshow(scan.T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+        if reference.any():
+            ax.contour(reference.T, levels=[0.5], colors="lime", linewidths=0.8)
+        if name != "reference" and mask.any():
+            ax.contour(mask.T, levels=[0.5], colors="red", linewidths=0.8)
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    if title:
+        fig.suptitle(f"{title} (green: reference, red: prediction)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _num(value: Any) -> float:
     try:
         return float(value)

@@ -66,7 +66,13 @@ def test_compare_two_variants_then_rerun_skips_both(
     second = capsys.readouterr().out
     assert second.count("skipped (finished before)") == 2
     assert summary.stat().st_mtime_ns == stamp
-    for png in ("recall_by_size", "dice_f1_per_variant", "froc", "training_curves"):
+    for png in (
+        "recall_by_size",
+        "dice_f1_per_variant",
+        "froc",
+        "training_curves",
+        "slice_overlay",
+    ):
         assert (out / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     froc = json.loads((out / "variants" / "dice" / "froc.json").read_text())
     assert len(froc) == 19 and all(0.0 <= p["recall"] <= 1.0 for p in froc)
