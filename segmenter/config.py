@@ -450,6 +450,21 @@ def apply_values(cfg: Config, values: list[tuple[str, Any]] | dict[str, Any]) ->
     return config_from_dict(data)
 
 
+def read_yaml(path: Path, kind: str = "config") -> Any:
+    """``yaml.safe_load`` of a file, with one-line errors naming it.
+
+    Raises:
+        ConfigError: the file is missing or is not valid YAML.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{path}: {kind} file not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "parse error"
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
@@ -465,13 +480,7 @@ def load_config(
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else "parse error"
-            raise ConfigError(f"{p}: not valid YAML ({first})") from None
+        loaded = read_yaml(p, "config")
         try:
             cfg = config_from_dict(loaded)
         except ConfigError as exc:

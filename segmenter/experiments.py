@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from segmenter.atomic import write_text
-from segmenter.config import Config, ConfigError, apply_values, save_config
+from segmenter.config import Config, ConfigError, apply_values, read_yaml, save_config
 from segmenter.errors import InputError
 from segmenter.io import suffix_of
 from segmenter.report import summary_json
@@ -70,12 +69,7 @@ def load_variants(path: str | Path, base: Config) -> list[Variant]:
             naming the variant).
     """
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: variants file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise InputError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(p, "variants")
     if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
         raise InputError(f"{p}: expected a mapping 'variants: {{name: {{key: value}}}}'")
     variants = []
