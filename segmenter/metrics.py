@@ -47,6 +47,7 @@ from segmenter.lesions import (
 __all__ = [
     "DEFAULT_SIZE_BINS_MM3",
     "EMPTY_POLICY",
+    "dice",
     "PRESETS",
     "LesionRecord",
     "LesionResult",
@@ -241,6 +242,20 @@ def hd95(
     sp = _spacing(spacing)
     pred_c, ref_c, _ = _crop_pair(pred, ref)
     return _hd(pred_c, ref_c, sp, percentile)
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Voxel Dice of two binary masks (Sørensen 1948; Dice 1945); NaN when both are empty.
+
+    The overlap term of :func:`voxel_metrics` alone, without HD95, for loops over thresholds.
+
+    Raises:
+        ValueError: shapes differ, not 3D, or not binary.
+    """
+    pred_c, ref_c, _ = _crop_pair(pred, ref)
+    tp = int(np.count_nonzero(pred_c & ref_c))
+    total = int(np.count_nonzero(pred_c)) + int(np.count_nonzero(ref_c))
+    return 2 * tp / total if total else math.nan
 
 
 def voxel_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:

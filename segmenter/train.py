@@ -246,10 +246,9 @@ def tune_threshold(
             s = metrics.lesion_metrics(pred, ref, spacing, rule=rule).summary
             tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
             tp_pred, n_pred = tp_pred + s["tp_pred"], n_pred + s["n_pred"]
-            inter = float(np.logical_and(pred > 0, ref > 0).sum())
-            total = float((pred > 0).sum() + (ref > 0).sum())
-            if total:
-                dices.append(2 * inter / total)
+            d = metrics.dice(pred, ref)
+            if not math.isnan(d):
+                dices.append(d)
         denom = tp + 0.5 * (fp + fn)
         rows.append({
             "threshold": thr,

@@ -540,3 +540,13 @@ def test_panoptica_preset_matches_panoptica_on_real_masks():
             assert got == want, (case, kind)
             assert ours["RQ"] == pytest.approx(theirs.rq, abs=1e-12), (case, kind)
             assert ours["SQ"] == pytest.approx(theirs.sq, abs=1e-9), (case, kind)
+
+
+def test_dice_alone_matches_voxel_metrics():
+    rng = np.random.default_rng(3)
+    a = rng.random((12, 10, 8)) > 0.7
+    b = rng.random((12, 10, 8)) > 0.6
+    assert metrics.dice(a, b) == pytest.approx(metrics.voxel_metrics(a, b, (1, 1, 1))["Dice"])
+    empty = np.zeros((4, 4, 4), bool)
+    assert math.isnan(metrics.dice(empty, empty))
+    assert metrics.dice(empty, a[:4, :4, :4] | True) == 0.0
