@@ -33,7 +33,7 @@ from segmenter.atomic import write_text
 from segmenter.config import Config, ConfigError, apply_values, read_yaml, save_config
 from segmenter.errors import InputError
 from segmenter.io import suffix_of
-from segmenter.report import summary_json
+from segmenter.report import nan_mean, summary_json
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +256,8 @@ def comparison_rows(results: Iterable[VariantResult]) -> list[dict[str, Any]]:
             rows.append({
                 "variant": r.variant.name,
                 "case_id": case.get("case_id", Path(case["reference_file"]).name),
-                "dice": _mean([m.get("Dice") for m in voxel]),
-                "hd95_mm": _mean([m.get("HD95") for m in voxel]),
+                "dice": nan_mean([m.get("Dice") for m in voxel])[0],
+                "hd95_mm": nan_mean([m.get("HD95") for m in voxel])[0],
                 "lesion_recall": les.get("recall"),
                 "lesion_precision": les.get("precision"),
                 "lesion_f1": les.get("f1"),
@@ -268,11 +268,6 @@ def comparison_rows(results: Iterable[VariantResult]) -> list[dict[str, Any]]:
                 "epochs": training.get("epochs"), "steps": training.get("steps"),
             })  # fmt: skip
     return rows
-
-
-def _mean(values: list[Any]) -> float:
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return sum(vals) / len(vals) if vals else math.nan
 
 
 def _csv_text(rows: list[dict[str, Any]]) -> str:

@@ -93,7 +93,8 @@ def measure_case(
     return CaseResult(pair, per_label, dict(lesion.summary), list(lesion.lesions), affine)
 
 
-def _nan_mean(values: Iterable[float]) -> tuple[float, int]:
+def nan_mean(values: Iterable[float | None]) -> tuple[float, int]:
+    """Mean of the values that are not None or NaN, and how many there were (NaN if none)."""
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     return (float(np.mean(vals)) if vals else float("nan"), len(vals))
 
@@ -105,7 +106,7 @@ def _average(blocks: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, Any
         present = [b[key] for b in blocks if key in b]
         if not present:
             continue
-        out[key], counts[key] = _nan_mean(present)
+        out[key], counts[key] = nan_mean(present)
     out["n_cases"] = counts
     return out
 
@@ -117,7 +118,7 @@ def _recall_by_size_mean(blocks: list[dict[str, Any]]) -> dict[str, Any]:
             bins.setdefault(name, []).append(entry["recall"])
     result = {}
     for name, vals in bins.items():
-        mean, n = _nan_mean(vals)
+        mean, n = nan_mean(vals)
         result[name] = {"recall": mean, "n_cases": n}
     return result
 
@@ -249,7 +250,7 @@ def format_table(summary: dict[str, Any], max_rows: int = 30) -> str:
         les = entry["lesion"]
         rows.append(
             (
-                entry["case_id"], _fmt(_nan_mean(dice)[0]), _fmt(_nan_mean(hd)[0], 1),
+                entry["case_id"], _fmt(nan_mean(dice)[0]), _fmt(nan_mean(hd)[0], 1),
                 str(les["n_ref"]), str(les["n_pred"]), str(les["tp"]), str(les["fp"]),
                 str(les["fn"]), _fmt(les["recall"]), _fmt(les["precision"]), _fmt(les["f1"]),
             )
