@@ -1,10 +1,12 @@
 """CPU benchmark: our U-Net blocks vs MONAI's DynUNet at equal topology, float32 vs bf16 autocast.
 
 One training step (forward + backward of ``mean(logits)``) on a (B, C, S, S, S) float32 input,
-default (2, 2, 64, 64, 64), 2 threads, the default ``ModelConfig`` (depth 4, filters 16..128,
-instance norm). Variants run round-robin in a rotating order, so that load from other
-processes and allocator state hit all of them alike. The table shows the median and minimum
-wall time and the median process CPU time per variant, then the ratios.
+default (2, 2, 64, 64, 64), 2 threads, nnU-Net's plain U-Net as ``ModelConfig`` spells it (depth
+4, filters 16..128, two convs per level, instance norm, contiguous layout), which ``DynUNet``
+can build too (the default config's one-conv levels and channels-last layout it cannot).
+Variants run round-robin in a rotating order, so that load from other processes and allocator
+state hit all of them alike. The table shows the median and minimum wall time and the median
+process CPU time per variant, then the ratios.
 
     python scripts/bench_model.py [--size 64] [--batch 2] [--repeats 5] [--threads 2]
 """
@@ -61,7 +63,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cfg = ModelConfig()
+    cfg = ModelConfig(
+        base_filters=16, encoder_convs=(2,), decoder_convs=(2,), memory_format="contiguous"
+    )
     ours = build_model(cfg, args.channels, 1).train()
     nets = {"own": ours, "DynUNet": dynunet_like(ours, args.channels, 1).train()}
     x = torch.randn(args.batch, args.channels, args.size, args.size, args.size)

@@ -95,7 +95,7 @@ def training_steps(
     """One optimiser step per call for each pipeline, on the same batch; and the two models."""
     dtype = autocast_dtype(cfg.train.precision, CPU)
     torch.manual_seed(0)
-    ours = build_model(cfg.model, x.shape[1], 1).train()
+    ours = build_model(cfg.model, x.shape[1], 1).place(CPU).train()
     ours_loss = build_loss(cfg.loss)
     ours_opt = train._optimizer(cfg, ours)  # AdamW as the training loop builds it
     batch = {"image": x, "label": y}
@@ -158,7 +158,7 @@ def inference_seconds(
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 2, *shape, generator=gen)
     dtype = autocast_dtype(cfg.train.precision, CPU)
-    ours = build_model(cfg.model, 2, 1).eval()
+    ours = build_model(cfg.model, 2, 1).place(CPU).eval()
     ref = monai_unet().eval()
     sw = cfg.inference.sw_batch_size
 

@@ -145,26 +145,45 @@ class ModelConfig:
         depth: number of resolution levels (the input level included); each further level halves
             the patch (nnU-Net's strides of 2).
         base_filters: feature maps at full resolution; doubled per level up to ``max_filters``.
+            The default 8 is sized for CPUs (nnU-Net's GPU default: 32).
         max_filters: cap on feature maps (nnU-Net: 320 in 3D).
+        encoder_convs: conv layers per encoder level, level 0 (full resolution) first; the last
+            entry repeats for the deeper levels. Default ``[1, 2]``: one convolution at full
+            resolution (as nnU-Net's residual-encoder presets, whose first stage has one
+            block), two below; nnU-Net's plain U-Net is ``[2]``.
+        decoder_convs: conv layers per decoder level, level 0 first, last entry repeating.
+            Default ``[1]`` (nnU-Net ResEnc's decoder); nnU-Net's plain U-Net is ``[2]``.
         norm: normalisation layer: ``instance`` (nnU-Net), ``batch`` or ``group``.
-        residual: residual convolution blocks instead of plain conv-norm-act pairs.
+        residual: residual blocks (the level's convs with a shortcut around them) instead of
+            plain conv-norm-act layers.
         deep_supervision: also return logits from lower decoder levels (training only).
         dropout: dropout probability in the blocks (0 disables it).
+        memory_format: tensor layout of the model and its inputs: ``channels_last`` (3D
+            channels-last; oneDNN's convolutions on CPUs run 1.3-4x faster in it at these
+            channel counts), ``contiguous``, or ``auto`` (channels-last on the CPU, contiguous on
+            CUDA). Layout only: the results are the same up to rounding.
     """
 
     depth: int = 4
-    base_filters: int = 16
+    base_filters: int = 8
     max_filters: int = 256
+    encoder_convs: tuple[int, ...] = (1, 2)
+    decoder_convs: tuple[int, ...] = (1,)
     norm: Literal["instance", "batch", "group"] = "instance"
     residual: bool = False
     deep_supervision: bool = False
     dropout: float = 0.0
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
 
     def __post_init__(self) -> None:
         if not 2 <= self.depth <= 7:
             raise ConfigError(f"model.depth must be in 2..7, got {self.depth}")
         if self.base_filters < 1 or self.max_filters < self.base_filters:
             raise ConfigError("model.base_filters must be >= 1 and <= model.max_filters")
+        for name in ("encoder_convs", "decoder_convs"):
+            convs = getattr(self, name)
+            if not convs or min(convs) < 1:
+                raise ConfigError(f"model.{name} must be a non-empty list of counts >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 

@@ -22,7 +22,7 @@ import torch
 from segmenter.checkpoint import find_checkpoint, load_checkpoint
 from segmenter.config import Config, InferenceConfig, config_from_dict
 from segmenter.errors import InputError
-from segmenter.model import build_model
+from segmenter.model import UNet3d, build_model
 
 MIRROR_AXES: tuple[tuple[int, ...], ...] = tuple(
     axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r)
@@ -193,7 +193,7 @@ class Predictor:
         return [str(c) for c in self.plan["channel_names"]]
 
 
-def build_from_plan(config: Config, plan: dict[str, Any]) -> torch.nn.Module:
+def build_from_plan(config: Config, plan: dict[str, Any]) -> UNet3d:
     """The network described by a run's config and plan (untrained weights)."""
     return build_model(
         config.model,
@@ -216,6 +216,6 @@ def load_predictor(run_dir: str | Path, *, device: str = "auto", which: str = "b
     plan = state["plan"]
     model = build_from_plan(config, plan)
     model.load_state_dict(state["model"])
-    model.to(dev).eval()
+    model.place(dev).eval()
     dtype = autocast_dtype(config.train.precision, dev)
     return Predictor(model, config, plan, dev, dtype, path)

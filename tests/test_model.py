@@ -8,7 +8,7 @@ import torch
 from monai.networks.nets import DynUNet
 from torch import nn
 
-from segmenter.config import ModelConfig
+from segmenter.config import ConfigError, ModelConfig
 from segmenter.model import (
     ResidualBlock,
     build_model,
@@ -68,8 +68,39 @@ def test_required_divisor_is_product_of_strides() -> None:
     topo = plan_topology(ModelConfig())
     assert topo.strides == ((1, 1, 1),) + ((2, 2, 2),) * 3
     assert topo.kernels == ((3, 3, 3),) * 4
-    assert topo.filters == (16, 32, 64, 128)
+    assert topo.filters == (8, 16, 32, 64)
     assert plan_topology(_tiny(depth=5)).filters == (4, 8, 16, 16, 16)  # capped at max_filters
+
+
+def test_convs_per_level_repeat_the_last_entry() -> None:
+    topo = plan_topology(ModelConfig())
+    assert topo.encoder_convs == (1, 2, 2, 2) and topo.decoder_convs == (1, 1, 1)
+    topo = plan_topology(_tiny(depth=5, encoder_convs=(1, 2, 3), decoder_convs=(2, 1)))
+    assert topo.encoder_convs == (1, 2, 3, 3, 3) and topo.decoder_convs == (2, 1, 1, 1)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_blocks_hold_the_configured_number_of_convs(residual: bool) -> None:
+    cfg = _tiny(encoder_convs=(1, 3), decoder_convs=(2, 1), residual=residual)
+    model = build_model(cfg, 2, 1)
+
+    def convs(block: nn.Module) -> int:
+        return sum(1 for name, _ in block.named_children() if name.startswith("conv"))
+
+    assert [convs(b) for b in model.encoder] == [1, 3, 3, 3]
+    assert [convs(d.conv) for d in model.decoder] == [2, 1, 1]
+    x = torch.randn(2, 2, 16, 24, 8)
+    out = model(x)
+    assert out.shape == (2, 1, 16, 24, 8)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("key", ["encoder_convs", "decoder_convs"])
+@pytest.mark.parametrize("value", [(), (1, 0)])
+def test_conv_counts_must_be_positive(key: str, value: tuple[int, ...]) -> None:
+    with pytest.raises(ConfigError, match=key):
+        _tiny(**{key: value})
 
 
 @pytest.mark.parametrize("size", [(32, 32, 32), (37, 45, 29)])
@@ -185,7 +216,11 @@ def _dynunet_key(key: str, depth: int) -> str:
 def test_matches_monai_dynunet_with_the_same_weights(residual: bool) -> None:
     # Oracle: same parameters and, loaded with DynUNet's weights, the same logits.
     torch.manual_seed(0)
-    for cfg in (ModelConfig(residual=residual), _tiny(residual=residual, depth=3)):
+    plain = {"encoder_convs": (2,), "decoder_convs": (2,)}  # nnU-Net's plain U-Net
+    for cfg in (
+        ModelConfig(residual=residual, base_filters=16, **plain),  # type: ignore[arg-type]
+        _tiny(residual=residual, depth=3, **plain),
+    ):
         model = build_model(cfg, 2, 1)
         oracle = _dynunet_like(model, residual)
         assert count_parameters(model) == count_parameters(oracle)
@@ -210,9 +245,9 @@ def test_gradients_reach_every_parameter() -> None:
 def test_initialisation_is_kaiming_with_zero_bias() -> None:
     torch.manual_seed(0)
     model = build_model(ModelConfig(), 2, 1)
-    conv = model.encoder[2].conv1.conv  # level 2, first conv: 32 -> 64 channels, 3x3x3
+    conv = model.encoder[2].conv1.conv  # level 2, first conv: 16 -> 32 channels, 3x3x3
     assert isinstance(conv, nn.Conv3d) and conv.bias is None
-    fan_in = 32 * 27
+    fan_in = 16 * 27
     expected_std = (2.0 / (1 + 0.01**2) / fan_in) ** 0.5
     assert conv.weight.std().item() == pytest.approx(expected_std, rel=0.05)
     for head in model.heads:
