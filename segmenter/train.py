@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -452,7 +452,7 @@ def _fit(
     )  # fmt: skip
 
     torch.manual_seed(t.seed)
-    model = build_from_plan(cfg, plan).to(device)
+    model = build_from_plan(cfg, plan).place(device)
     loss_fn = build_loss(cfg.loss)
     optimizer = _optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -485,10 +485,19 @@ def _fit(
     wait_total, step_total = 0.0, 0.0
     val_seconds = 0.0
     model.train()
+
+    def epoch_batches(e: int) -> Iterator[dict[str, torch.Tensor]]:
+        # One loader per epoch, seeded by the epoch number (what makes --resume exact). Its
+        # iterator starts the workers at once, so the next epoch's is made one epoch early
+        # and its first batches are ready when that epoch starts.
+        return iter(make_loader(train_cases, cfg.data, cfg.augment, seed=t.seed * 100_003 + e))
+
+    upcoming = epoch_batches(epoch) if epoch < t.epochs else None
     while epoch < t.epochs:
         epoch_start = time.perf_counter()
-        loader = make_loader(train_cases, cfg.data, cfg.augment, seed=t.seed * 100_003 + epoch)
-        batches = iter(loader)
+        assert upcoming is not None
+        batches = upcoming
+        upcoming = epoch_batches(epoch + 1) if epoch + 1 < t.epochs else None
         losses, wait = [], 0.0
         for _ in range(iters):
             t0 = time.perf_counter()
@@ -504,7 +513,7 @@ def _fit(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", f1=_fmt(best), refresh=False)
-        del batches, loader
+        del batches
         epoch += 1
         epoch_s = time.perf_counter() - epoch_start
         wait_total += wait
@@ -556,6 +565,7 @@ def _fit(
         if should_stop is not None and should_stop(epoch):
             log.info("stopped on request after epoch %d", epoch)
             break
+    del upcoming  # an unused next-epoch loader: stop its workers
     if bar is not None:
         bar.close()
     if best_epoch < 0:  # no validation ever scored (e.g. no lesions anywhere): keep the last
