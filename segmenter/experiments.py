@@ -21,6 +21,7 @@ import io as _stdio
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from segmenter.atomic import write_text
+from segmenter.atomic import atomic_path, write_text
 from segmenter.config import Config, ConfigError, apply_values, read_yaml, save_config
+from segmenter.data import Case, Dataset
 from segmenter.errors import InputError
-from segmenter.io import suffix_of
 from segmenter.report import nan_mean, summary_json
 
 log = logging.getLogger(__name__)
@@ -113,30 +114,32 @@ def run_variant(
     from segmenter import evaluate, train
     from segmenter.data import load_dataset
     from segmenter.inference import load_predictor
-    from segmenter.predict import PROBABILITY_FOLDER, PredictOptions, predict_all
+    from segmenter.predict import PROBABILITY_FOLDER, PredictOptions, predict_case
 
     cfg = variant_config(base, variant, minutes)
     run = folder / "run"
     resume = (run / "checkpoints" / "last.pt").is_file()
     result = train.fit(cfg, run, fold=0, resume=resume, progress=progress)
     dataset = load_dataset(train.resolve_dataset(cfg))
-    test_labels = dataset.root / "labelsTs"
-    if dataset.test and test_labels.is_dir():
-        predictor = load_predictor(run)
-        predict_all(
-            predictor, [dataset.root / "imagesTs"], folder / "predictions",
-            PredictOptions(save_probabilities=True),
-        )  # fmt: skip
-        points = froc_points(folder / "predictions" / PROBABILITY_FOLDER, test_labels, cfg)
-        write_text(folder / "froc.json", json.dumps(points, indent=2))
-        summary = evaluate.evaluate_folders(
-            folder / "predictions", test_labels, preset=cfg.evaluation.preset,
-            size_bins_mm3=cfg.evaluation.size_bins_mm3, out_dir=folder / "evaluation",
-        )  # fmt: skip
-        summary["held_out"] = "test cases (imagesTs/labelsTs)"
-    else:  # no test set: the fold's validation cases, scored during training
-        summary = json.loads((run / "summary.json").read_text())
-        summary["held_out"] = "validation cases of fold 0"
+    cases, held_out = held_out_cases(dataset, run)
+    predictor = load_predictor(run)
+    predictions, reference = folder / "predictions", folder / "reference"
+    options = PredictOptions(save_probabilities=True)
+    for case in cases:
+        assert case.label is not None
+        name = f"{case.case_id}{dataset.file_ending}"
+        predict_case(predictor, case, predictions / name, options)
+        copy_file(case.label, reference / name)
+    listing = {c.case_id: {"images": [str(p) for p in c.images], "label": str(c.label)}
+               for c in cases}  # fmt: skip
+    write_text(folder / "held_out.json", json.dumps(listing, indent=2))
+    points = froc_points(predictions / PROBABILITY_FOLDER, reference, cfg)
+    write_text(folder / "froc.json", json.dumps(points, indent=2))
+    summary = evaluate.evaluate_folders(
+        predictions, reference, preset=cfg.evaluation.preset,
+        size_bins_mm3=cfg.evaluation.size_bins_mm3, out_dir=folder / "evaluation",
+    )  # fmt: skip
+    summary["held_out"] = held_out
     summary["training"] = {
         "minutes": result.seconds / 60.0, "epochs": result.epochs, "steps": result.steps,
     }  # fmt: skip
@@ -144,6 +147,28 @@ def run_variant(
     text = summary_json(summary)
     write_text(done, text)
     return VariantResult(variant, folder, json.loads(text), True)
+
+
+def held_out_cases(dataset: Dataset, run: Path) -> tuple[list[Case], str]:
+    """The cases every variant is scored on, and how to name them in the summary.
+
+    The dataset's labelled test cases (``imagesTs`` with ``labelsTs``) when it has them, else
+    the validation cases of fold 0 in ``run/splits.json`` (the same for every variant: same
+    cases, seed and number of folds).
+    """
+    test = [c for c in dataset.test if c.label is not None]
+    if test and len(test) == len(dataset.test):
+        return test, "test cases (imagesTs/labelsTs)"
+    split = json.loads((run / "splits.json").read_text())
+    fold = split[0] if isinstance(split, list) else split
+    by_id = {c.case_id: c for c in dataset.training}
+    return [by_id[i] for i in fold["val"]], "validation cases of fold 0"
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` atomically (the parent folder is created)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 FROC_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
@@ -216,32 +241,29 @@ def write_plots(results: list[VariantResult], rows: list[dict[str, Any]], out: P
 
 
 def _overlay(results: list[VariantResult], out: Path) -> None:
-    """Slice overlay of the first held-out test case with lesions (test sets only)."""
+    """Slice overlay of the first held-out case with lesions: its first channel, the
+    reference and every variant's prediction on the slice with the most lesion voxels."""
     from segmenter import plots
     from segmenter.io import read_image
 
     first = results[0].summary["metric_per_case"] if results else []
     case = next((c for c in first if (c["lesion"].get("n_ref") or 0) > 0), None)
-    if case is None or not Path(case["reference_file"]).is_file():
+    listing = results[0].folder / "held_out.json" if results else None
+    if case is None or listing is None or not listing.is_file():
         return
     ref_path = Path(case["reference_file"])
+    scans = json.loads(listing.read_text()).get(case["case_id"], {}).get("images", [])
+    if not ref_path.is_file() or not scans or not Path(scans[0]).is_file():
+        return
     ref = read_image(ref_path).array > 0
     k = int(np.argmax(ref.sum(axis=(0, 1))))  # the slice with the most lesion voxels
-    name = ref_path.name
-    scan_path = (
-        ref_path.parent.parent
-        / "imagesTs"
-        / name.replace(suffix_of(name), f"_0000{suffix_of(name)}")
-    )
-    if not scan_path.is_file():
-        return
     preds = {}
     for r in results:
-        pred_path = r.folder / "predictions" / name
+        pred_path = r.folder / "predictions" / ref_path.name
         if pred_path.is_file():
             preds[r.variant.name] = read_image(pred_path).array[:, :, k] > 0
-    scan = read_image(scan_path).array[:, :, k]
-    title = f"{case.get('case_id', name)}, slice {k}"
+    scan = read_image(scans[0]).array[:, :, k]
+    title = f"{case['case_id']}, slice {k}"
     plots.slice_overlay(scan, ref[:, :, k], preds, title=title, path=out / "slice_overlay.png")
 
 

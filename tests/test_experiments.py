@@ -101,3 +101,30 @@ def test_shipped_loss_comparison_variants_are_valid() -> None:
     names = [v.name for v in variants]
     assert {"dice", "bce", "focal_g2_a25", "focal_dice_10_1", "dice_ce"} <= set(names)
     assert len(names) == 11
+
+
+def test_without_a_test_set_the_fold_validation_cases_are_scored(tmp_path: Path) -> None:
+    # No imagesTs: every variant is predicted (with probabilities) and scored on the validation
+    # cases of fold 0, the same cases for every variant; FROC and the overlay come from them.
+    dataset = write_dataset(tmp_path, 6, seed=2, spec=PhantomSpec(size=32))
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY.format(dataset=dataset))
+    variants = tmp_path / "variants.yaml"
+    variants.write_text("variants:\n  dice: {loss.name: dice}\n  focal: {loss.name: focal}\n")
+    out = tmp_path / "cmp"
+    argv = ["compare", "--config", str(base), "--variants", str(variants), "--out", str(out)]
+    assert main(argv) == 0
+    splits = json.loads((out / "variants" / "dice" / "run" / "splits.json").read_text())
+    val = sorted(splits[0]["val"])
+    with open(out / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for name in ("dice", "focal"):
+        assert sorted(r["case_id"] for r in rows if r["variant"] == name) == val
+        folder = out / "variants" / name
+        summary = json.loads((folder / "evaluation" / "summary.json").read_text())
+        assert summary["held_out"] == "validation cases of fold 0"
+        assert sorted(p.name for p in (folder / "reference").iterdir()) == [
+            f"{c}.nii.gz" for c in val
+        ]
+        assert len(json.loads((folder / "froc.json").read_text())) == 19
+    assert (out / "slice_overlay.png").read_bytes()[:4] == b"\x89PNG"
