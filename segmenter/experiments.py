@@ -217,18 +217,20 @@ def write_plots(results: list[VariantResult], rows: list[dict[str, Any]], out: P
     """The comparison's PNGs: recall by size, Dice/F1 spread, FROC, training curves."""
     from segmenter import plots
 
-    plots.recall_by_size(
-        {r.variant.name: r.summary["lesion"]["pooled"]["recall_by_size"] for r in results},
-        path=out / "recall_by_size.png",
+    plots.close(
+        plots.recall_by_size(
+            {r.variant.name: r.summary["lesion"]["pooled"]["recall_by_size"] for r in results},
+            path=out / "recall_by_size.png",
+        )
     )
-    plots.metric_spread(rows, path=out / "dice_f1_per_variant.png")
+    plots.close(plots.metric_spread(rows, path=out / "dice_f1_per_variant.png"))
     curves = {
         r.variant.name: json.loads((r.folder / "froc.json").read_text())
         for r in results
         if (r.folder / "froc.json").is_file()
     }
     if curves:
-        plots.froc(curves, path=out / "froc.png")
+        plots.close(plots.froc(curves, path=out / "froc.png"))
     _overlay(results, out)
     histories = {}
     for r in results:
@@ -237,7 +239,7 @@ def write_plots(results: list[VariantResult], rows: list[dict[str, Any]], out: P
             with open(metrics_csv, newline="") as f:
                 histories[r.variant.name] = list(csv.DictReader(f))
     if histories:
-        plots.training_curves(histories, path=out / "training_curves.png")
+        plots.close(plots.training_curves(histories, path=out / "training_curves.png"))
 
 
 def _overlay(results: list[VariantResult], out: Path) -> None:
@@ -264,7 +266,10 @@ def _overlay(results: list[VariantResult], out: Path) -> None:
             preds[r.variant.name] = read_image(pred_path).array[:, :, k] > 0
     scan = read_image(scans[0]).array[:, :, k]
     title = f"{case['case_id']}, slice {k}"
-    plots.slice_overlay(scan, ref[:, :, k], preds, title=title, path=out / "slice_overlay.png")
+    fig = plots.slice_overlay(
+        scan, ref[:, :, k], preds, title=title, path=out / "slice_overlay.png"
+    )
+    plots.close(fig)
 
 
 def comparison_rows(results: Iterable[VariantResult]) -> list[dict[str, Any]]:

@@ -17,9 +17,13 @@ from segmenter.atomic import atomic_path
 
 
 def _pyplot() -> Any:
+    """``matplotlib.pyplot``; the Agg backend unless pyplot was set up before (notebooks)."""
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
@@ -30,6 +34,11 @@ def _save(fig: Any, path: str | Path | None) -> Any:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
     return fig
+
+
+def close(fig: Any) -> None:
+    """Release a figure once it is written (pyplot keeps every open figure alive)."""
+    _pyplot().close(fig)
 
 
 def recall_by_size(
@@ -168,6 +177,38 @@ def slice_overlay(
         ax.axis("off")
     if title:
         fig.suptitle(f"{title} (green: reference, red: prediction)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def lesion_sizes(
+    volumes_mm3: Sequence[float],
+    size_bins_mm3: Sequence[float] = (),
+    title: str = "",
+    path: str | Path | None = None,
+) -> Any:
+    """Histogram of lesion volumes on a log axis, with the evaluation's size bins marked.
+
+    Args:
+        volumes_mm3: one volume per lesion (mm3).
+        size_bins_mm3: bin edges to draw as vertical lines (finite, positive ones only).
+        title: figure title.
+        path: optional PNG to write.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    vols = np.asarray([v for v in volumes_mm3 if v > 0], dtype=float)
+    if vols.size:
+        lo, hi = np.log10(vols.min()), np.log10(vols.max())
+        edges = np.logspace(lo - 0.05, hi + 0.05, max(8, min(40, int(4 * (hi - lo)) + 8)))
+        ax.hist(vols, bins=edges, color="steelblue")
+    ax.set_xscale("log")
+    for edge in size_bins_mm3:
+        if 0 < edge < math.inf:
+            ax.axvline(edge, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("lesion volume (mm3, log scale)")
+    ax.set_ylabel("lesions")
+    ax.set_title(title or f"{vols.size} lesions", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
