@@ -6,9 +6,9 @@ each channel is normalised to mean 0 / std 1 with statistics taken inside the ma
 outside the mask are set to 0. Everything :mod:`segmenter.inference` needs to put a prediction
 back into the scan's own geometry travels with the :class:`PreprocessedCase`.
 
-Resampling to a target spacing belongs to the plan step (a later issue). Its hook is
-:func:`resample_hook`: the one place in the pipeline where a plan plugs in, currently a no-op
-that accepts only ``target_spacing=None`` (or the case's own spacing).
+Resampling to a target spacing (``target_spacing``, from the plan) happens in
+:func:`resample_hook` after cropping, with :mod:`segmenter.resample`; ``target_spacing=None``
+keeps the case's own spacing.
 
 Arrays are numpy, ``(C, X, Y, Z)`` for images and ``(X, Y, Z)`` for labels, in the axis order of
 :mod:`segmenter.io`. No torch here.
@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
-from segmenter import io
+from segmenter import io, resample
 from segmenter.errors import InputError
 
 if TYPE_CHECKING:
@@ -189,12 +189,12 @@ def resample_hook(
     spacing: tuple[float, ...],
     target_spacing: Sequence[float] | None,
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, ...]]:
-    """RESAMPLING HOOK: where the plan step plugs in resampling to its target spacing.
+    """Resample a cropped case to ``target_spacing`` (the plan's), or leave it as it is.
 
     Called by :func:`preprocess_arrays` after cropping and before normalisation (nnU-Net's
-    order). Today it only accepts ``target_spacing`` None or equal to ``spacing`` and returns its
-    inputs unchanged; the plan issue implements it (image: cubic/linear, label: linear on
-    one-hot) and extends :meth:`PreprocessedCase.restore` with the inverse.
+    order). Images: cubic (linear across thick slices); label: linear on each class's one-hot
+    map, small lesions kept (:mod:`segmenter.resample`). :meth:`PreprocessedCase.restore`
+    applies the inverse to probabilities.
 
     Args:
         image: ``(C, X, Y, Z)`` float32.
@@ -207,9 +207,12 @@ def resample_hook(
     """
     if target_spacing is None or np.allclose(target_spacing, spacing, rtol=1e-5, atol=0):
         return image, label, spacing
-    raise NotImplementedError(
-        f"resampling to {tuple(target_spacing)} mm is not implemented yet (comes with the plan)"
-    )
+    target = tuple(float(v) for v in target_spacing)
+    shape = resample.new_shape(image.shape[1:], spacing, target)
+    image = resample.resample_image(image, spacing, target, shape=shape)
+    if label is not None:
+        label = resample.resample_label(label, spacing, target, shape=shape)
+    return image, label, target
 
 
 # --------------------------------------------------------------------------------- per case
@@ -248,13 +251,25 @@ class PreprocessedCase:
     def restore(self, arr: np.ndarray, fill: float = 0) -> np.ndarray:
         """Map an array on this case's grid back to the original image grid.
 
+        When the case was resampled, ``arr`` is first resampled back to the crop box by linear
+        interpolation (meant for probabilities; a label map would need
+        :func:`segmenter.resample.resample_label`), then uncropped.
+
         Args:
-            arr: ``(..., X, Y, Z)`` on the grid of :attr:`image` (e.g. probabilities or a mask).
+            arr: ``(..., X, Y, Z)`` on the grid of :attr:`image` (e.g. probabilities, or a mask
+                when the case was not resampled).
             fill: value outside the crop box.
 
         Returns:
-            ``(..., *original_shape)``, same dtype.
+            ``(..., *original_shape)``.
         """
+        if tuple(arr.shape[-3:]) != self.box.size:
+            if arr.ndim == 3:
+                arr = resample.resample_probabilities(arr, self.spacing, self.box.size)
+            else:
+                flat = arr.reshape(-1, *arr.shape[-3:])
+                back = resample.resample_probabilities(flat, self.spacing, self.box.size)
+                arr = back.reshape(*arr.shape[:-3], *self.box.size)
         return uncrop(arr, self.box, fill=fill)
 
 
@@ -297,8 +312,8 @@ def preprocess_arrays(
         spacing: voxel size in mm along X, Y, Z.
         crop_to_nonzero: crop to the bounding box of the nonzero voxels (all channels).
         case_id: identifier used in error messages and kept on the result.
-        target_spacing: must be None (or ``spacing``) until resampling comes; see
-            :func:`resample_hook`.
+        target_spacing: voxel size in mm to resample to after cropping, or None to keep
+            ``spacing`` (see :func:`resample_hook`).
 
     Returns:
         The :class:`PreprocessedCase`.
@@ -392,7 +407,7 @@ def preprocess_case(
     Args:
         case: a :class:`segmenter.data.Case`.
         crop_to_nonzero: crop to the bounding box of the nonzero voxels.
-        target_spacing: resampling hook, must be None for now (see :func:`resample_hook`).
+        target_spacing: voxel size in mm to resample to, or None (see :func:`resample_hook`).
 
     Returns:
         The :class:`PreprocessedCase`; ``affine`` and ``spacing`` come from channel 0.

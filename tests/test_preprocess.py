@@ -202,12 +202,38 @@ def test_preprocess_arrays_checks_label() -> None:
         )  # fmt: skip
 
 
-def test_resample_hook_only_accepts_own_spacing() -> None:
+def test_resample_hook_keeps_own_spacing_and_resamples_to_another() -> None:
     image = np.ones((1, 4, 4, 4), dtype=np.float32)
     assert resample_hook(image, None, (1.0, 1.0, 2.0), None)[0] is image
     assert resample_hook(image, None, (1.0, 1.0, 2.0), (1.0, 1.0, 2.0))[2] == (1.0, 1.0, 2.0)
-    with pytest.raises(NotImplementedError, match="resampling"):
-        resample_hook(image, None, (1.0, 1.0, 2.0), (1.0, 1.0, 1.0))
+    label = np.zeros((4, 4, 4), np.uint8)
+    label[1:3, 1:3, 1:3] = 1
+    out, lab, spacing = resample_hook(image, label, (1.0, 1.0, 2.0), (1.0, 1.0, 1.0))
+    assert out.shape == (1, 4, 4, 8) and lab is not None and lab.shape == (4, 4, 8)
+    assert spacing == (1.0, 1.0, 1.0) and lab.sum() == 2 * label.sum()
+
+
+def test_resampled_case_restores_probabilities_to_the_original_grid() -> None:
+    from segmenter.preprocess import preprocess_arrays
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((30, 28, 12), np.float32)
+    image[4:26, 3:25, 1:11] = rng.random((22, 22, 10)) + 1.0
+    label = np.zeros(image.shape, np.uint8)
+    label[10:14, 10:14, 4:7] = 1
+    pre = preprocess_arrays(
+        [image], label, np.diag([0.9, 0.9, 3.0, 1.0]), (0.9, 0.9, 3.0), crop_to_nonzero=True,
+        case_id="c", target_spacing=(1.0, 1.0, 1.0),
+    )  # fmt: skip
+    assert pre.spacing == (1.0, 1.0, 1.0)
+    assert pre.image.shape == (1, 20, 20, 30) and pre.label is not None
+    assert pre.label.shape == (20, 20, 30)
+    prob = pre.restore(pre.label.astype(np.float32))  # the label as a probability map
+    assert prob.shape == image.shape and prob.dtype == np.float32
+    assert 0.0 <= prob.min() and prob.max() <= 1.0
+    back = prob > 0.5
+    dice = 2 * (back & (label > 0)).sum() / (back.sum() + (label > 0).sum())
+    assert dice > 0.8  # the lesion lands back where it was
 
 
 def test_crop_affine_maps_cropped_voxels_to_the_same_world_points() -> None:
