@@ -68,6 +68,38 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from segmenter import config as config_mod
+    from segmenter import fingerprint as fp_mod
+    from segmenter import plan as plan_mod
+    from segmenter.atomic import write_text
+    from segmenter.data import load_dataset
+
+    cfg = config_mod.load_config(args.config, args.set)
+    dataset = load_dataset(args.dataset)
+    out = Path(args.out) if args.out else Path("plans") / dataset.name
+    fp = fp_mod.dataset_fingerprint(dataset, workers=2, progress=_progress("fingerprint"))
+    plan = plan_mod.make_plan(fp, cfg)
+    fp_mod.write_fingerprint(fp, out / "fingerprint.json")
+    write_text(out / "plan.json", json.dumps(plan, indent=2) + "\n")
+    lesions = fp["summary"]["lesions"]
+    print(f"{dataset.name}: {plan['n_cases']} cases, {lesions['total']} lesions")
+    print(f"target spacing {plan['target_spacing']} mm (anisotropic: {plan['anisotropic']})")
+    print(f"median shape at that spacing {[round(v) for v in plan['median_resampled_shape']]}")
+    print(
+        f"patch {plan['patch_size']}, depth {plan['depth']}, batch {plan['batch_size']} "
+        f"({plan['budget']} budget of {plan['budget_patch_voxels']} voxels per patch)"
+    )
+    print(
+        "normalisation: "
+        + ", ".join(f"{n['channel']} {n['scheme']}" for n in plan["normalization"])
+    )
+    print(f"wrote {out / 'fingerprint.json'} and {out / 'plan.json'}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from segmenter import evaluate, report
 
@@ -246,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a dataset: geometry, labels, channels, NaN")
     p.add_argument("dataset", help="nnU-Net raw dataset folder (DatasetXXX_Name)")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("plan", help="dataset fingerprint and plan (spacing, patch, depth)")
+    p.add_argument("dataset", help="nnU-Net raw dataset folder (DatasetXXX_Name)")
+    p.add_argument("--config", help="YAML config whose plan section sets the budget")
+    p.add_argument("--out", help="where fingerprint.json and plan.json go (default plans/NAME)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. plan.budget=gpu (repeatable)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("evaluate", help="voxel and lesion-level metrics of predictions")
     p.add_argument("--pred", required=True, help="folder of predicted masks")

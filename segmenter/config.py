@@ -296,9 +296,37 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class PlanConfig:
+    """How ``segmenter plan`` sizes the patch and the network (see ``segmenter.plan``).
+
+    Attributes:
+        budget: ``cpu`` or ``gpu``: which patch budget below applies.
+        cpu_patch_voxels: voxels per patch on a CPU (default 80^3, batch 2: a training step of
+            the default model stays well under a second on 2 cores).
+        gpu_patch_voxels: voxels per patch on a GPU (default 128^3, nnU-Net's usual 3D patch).
+        batch_size: patches per step (nnU-Net: 2).
+        max_depth: most resolution levels (the input level included).
+    """
+
+    budget: Literal["cpu", "gpu"] = "cpu"
+    cpu_patch_voxels: int = 80**3
+    gpu_patch_voxels: int = 128**3
+    batch_size: int = 2
+    max_depth: int = 6
+
+    def __post_init__(self) -> None:
+        if min(self.cpu_patch_voxels, self.gpu_patch_voxels) < 8**3:
+            raise ConfigError("plan.cpu_patch_voxels and plan.gpu_patch_voxels must be >= 512")
+        if self.batch_size < 1:
+            raise ConfigError(f"plan.batch_size must be >= 1, got {self.batch_size}")
+        if not 2 <= self.max_depth <= 7:
+            raise ConfigError(f"plan.max_depth must be in 2..7, got {self.max_depth}")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole experiment: ``data``, ``augment``, ``model``, ``loss``, ``train``, ``inference``,
-    ``evaluation``."""
+    ``evaluation``, ``plan``."""
 
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -307,6 +335,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Dataset fingerprint: what every case looks like before preprocessing (nnU-Net's fingerprint).
 
-Per case: array shape, voxel spacing (mm), orientation (nibabel axis codes of the affine, e.g.
-``RAS``), the fraction of voxels inside the nonzero mask, per channel the mean, standard
-deviation, extremes and percentiles of the intensities inside that mask (the voxels
-normalisation sees), and the lesions of the label (connected components of ``label > 0``):
-their count and volumes in mm3. Over the dataset: the median shape and spacing, the spacing
-range, per-channel percentiles pooled over the cases (the median of each case's value), and
-the pooled lesion volumes. ``fingerprint.json`` holds both (``write_fingerprint``).
+Per case: array shape, the shape once cropped to the nonzero region, voxel spacing (mm),
+orientation (nibabel axis codes of the affine, e.g. ``RAS``), the fraction of voxels inside the
+nonzero mask, per channel the mean, standard deviation, extremes and percentiles of the
+intensities inside that mask (the voxels normalisation sees), and the lesions of the label
+(connected components of ``label > 0``): their count and volumes in mm3. Over the dataset:
+the median shape and spacing, the spacing range, per-channel percentiles pooled over the cases
+(the median of each case's value), and the pooled lesion volumes. ``fingerprint.json`` holds
+both (``write_fingerprint``).
 
 Cases are read on a thread pool (decompression releases the GIL) with a progress bar.
 """
@@ -25,7 +26,7 @@ import numpy as np
 
 from segmenter.atomic import write_text
 from segmenter.data import Case, Dataset
-from segmenter.preprocess import nonzero_mask, read_case
+from segmenter.preprocess import nonzero_bbox, nonzero_mask, read_case
 from segmenter.report import summary_json
 
 #: Intensity percentiles recorded per channel (nnU-Net's CT clipping uses 0.5 and 99.5).
@@ -73,10 +74,12 @@ def case_fingerprint(case: Case) -> dict[str, Any]:
     first = images[0]
     stack = np.stack([im.array for im in images])
     mask = nonzero_mask(stack)
+    box = nonzero_bbox(stack)
     volumes = [] if label is None else lesion_volumes_mm3(label, first.spacing)
     return {
         "case_id": case.case_id,
         "shape": [int(n) for n in first.array.shape],
+        "cropped_shape": [int(n) for n in box.size],
         "spacing": [float(s) for s in first.spacing],
         "orientation": "".join(nib.aff2axcodes(first.affine)),
         "nonzero_fraction": float(mask.mean()),

@@ -1,0 +1,79 @@
+"""Tests for segmenter.plan and `segmenter plan`: spacing, patch, depth, normalisation, files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from segmenter.cli import main
+from segmenter.config import load_config
+from segmenter.data import load_dataset
+from segmenter.fingerprint import dataset_fingerprint
+from segmenter.plan import make_plan, normalisation, patch_and_depth
+from segmenter.synthetic import PhantomSpec, write_dataset
+
+
+def test_patch_fits_the_budget_and_the_network_divisor() -> None:
+    patch, depth = patch_and_depth((140, 170, 140), (1.0, 1.0, 1.0), 80**3, 6)
+    assert math.prod(patch) <= 80**3
+    assert depth == 5  # 80-ish voxels: halved 4 times keeps >= 4
+    assert all(p % 16 == 0 for p in patch)
+    assert max(patch) / min(patch) < 1.5  # shrinks the longest extent first: near-cubic
+
+
+def test_a_small_median_shape_is_kept_whole() -> None:
+    patch, depth = patch_and_depth((40, 48, 36), (1.0, 1.0, 1.0), 128**3, 6)
+    assert patch == (40, 48, 32) and depth == 4  # rounded down to multiples of 8
+
+
+def test_anisotropic_data_keep_the_thick_axis_short() -> None:
+    patch, depth = patch_and_depth((320, 320, 24), (0.7, 0.7, 4.0), 80**3, 6)
+    assert math.prod(patch) <= 80**3
+    assert patch[2] <= 24 and min(patch[:2]) > 3 * patch[2] and abs(patch[0] - patch[1]) <= 32
+
+
+def test_ct_channels_are_clipped_and_mri_channels_z_scored() -> None:
+    stats = {
+        "median_percentiles": {"0.5": -1000.0, "99.5": 1500.0},
+        "median_mean": 40.0, "median_std": 300.0,
+    }  # fmt: skip
+    schemes = normalisation(["CT", "FLAIR"], {"channels": [stats, stats]})
+    assert schemes[0] == {
+        "channel": "CT", "scheme": "ct_clip_zscore", "clip": [-1000.0, 1500.0],
+        "mean": 40.0, "std": 300.0,
+    }  # fmt: skip
+    assert schemes[1] == {"channel": "FLAIR", "scheme": "zscore_nonzero"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = PhantomSpec(size=48, spacing=(1.0, 1.0, 1.5))
+    return write_dataset(tmp_path_factory.mktemp("plan"), 3, seed=2, spec=spec)
+
+
+def test_make_plan_from_a_fingerprint(dataset: Path) -> None:
+    fp = dataset_fingerprint(load_dataset(dataset))
+    cpu = make_plan(fp, load_config(None, []))
+    assert cpu["target_spacing"] == pytest.approx([1.0, 1.0, 1.5])
+    assert cpu["budget"] == "cpu" and cpu["batch_size"] == 2 and not cpu["anisotropic"]
+    assert len(cpu["strides"]) == cpu["depth"] == len(cpu["kernels"])
+    assert [n["scheme"] for n in cpu["normalization"]] == ["zscore_nonzero"] * 2
+    small = make_plan(fp, load_config(None, ["plan.cpu_patch_voxels=4096"]))
+    assert math.prod(small["patch_size"]) <= 4096
+    assert math.prod(small["patch_size"]) < math.prod(cpu["patch_size"])
+
+
+def test_plan_command_writes_fingerprint_and_plan(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "p"
+    assert main(["plan", str(dataset), "--out", str(out), "--set", "plan.budget=gpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "target spacing" in printed and "gpu budget" in printed
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["budget"] == "gpu"
+    assert json.loads((out / "fingerprint.json").read_text())["summary"]["n_cases"] == 3
+    assert main(["plan", str(tmp_path / "missing"), "--out", str(out)]) == 2
