@@ -39,6 +39,9 @@ class DataConfig:
             uniformly, then a voxel in it, so small lesions are seen as often as large ones).
         num_workers: DataLoader worker processes (0 loads in the main process).
         crop_to_nonzero: crop each case to the bounding box of its nonzero voxels.
+        target_spacing: voxel size (mm, X Y Z) every case is resampled to after cropping, in
+            training and prediction (predictions go back to each input's own grid); null keeps
+            each case's own spacing. ``segmenter plan`` suggests one (nnU-Net's rule).
     """
 
     dataset: str = ""
@@ -48,8 +51,16 @@ class DataConfig:
     sampling: Literal["foreground", "lesion"] = "foreground"
     num_workers: int = 2
     crop_to_nonzero: bool = True
+    target_spacing: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.target_spacing is not None and (
+            len(self.target_spacing) != 3 or min(self.target_spacing) <= 0
+        ):
+            raise ConfigError(
+                f"data.target_spacing must be 3 positive sizes in mm or null, "
+                f"got {list(self.target_spacing)}"
+            )
         if len(self.patch_size) != 3 or min(self.patch_size) < 8:
             raise ConfigError(f"data.patch_size must be 3 sizes >= 8, got {self.patch_size}")
         if self.batch_size < 1:

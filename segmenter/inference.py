@@ -194,12 +194,18 @@ class Predictor:
 
 
 def build_from_plan(config: Config, plan: dict[str, Any]) -> UNet3d:
-    """The network described by a run's config and plan (untrained weights)."""
+    """The network described by a run's config and plan (untrained weights).
+
+    With a target spacing in the plan, the topology follows it (nnU-Net's anisotropy rule);
+    runs without one were built for isotropic strides and stay so.
+    """
+    spacing = plan.get("target_spacing")
     return build_model(
         config.model,
         in_channels=len(plan["channel_names"]),
         out_channels=int(plan["out_channels"]),
         patch_size=tuple(plan["patch_size"]),  # type: ignore[arg-type]
+        spacing=None if spacing is None else tuple(spacing),  # type: ignore[arg-type]
     )
 
 

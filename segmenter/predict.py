@@ -1,8 +1,10 @@
 """``segmenter predict``: run a trained model on new scans and write masks in their own geometry.
 
 Reads one case (one file per channel, in channel order) or an imagesTs-style folder, applies the
-training preprocessing, predicts with the sliding window (mirroring TTA by default), puts the
-probabilities back into the scan's grid, thresholds and removes lesions below a minimum size in
+training preprocessing (crop to nonzero, resampling to the run's target spacing when it has
+one, normalisation), predicts with the sliding window (mirroring TTA by default), puts the
+probabilities back into the scan's grid (linear resampling to the scan's spacing, uncropping),
+thresholds and removes lesions below a minimum size in
 mm3, and writes a uint8 mask (and optionally the float32 probability map) with the input's
 geometry.
 """
@@ -111,6 +113,7 @@ def predict_case(
     pre = preprocess_arrays(
         [im.array for im in images], None, images[0].affine, images[0].spacing,
         crop_to_nonzero=bool(predictor.plan["crop_to_nonzero"]), case_id=case.case_id,
+        target_spacing=predictor.plan.get("target_spacing"),
     )  # fmt: skip
     logits = predict_logits(
         predictor.model, pre.image, predictor.patch_size, cfg.inference,

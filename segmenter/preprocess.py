@@ -431,6 +431,7 @@ def preprocess_dataset(
     cases: Sequence[Case],
     *,
     crop_to_nonzero: bool = True,
+    target_spacing: Sequence[float] | None = None,
     workers: int = 2,
     progress: bool = False,
 ) -> list[PreprocessedCase]:
@@ -439,6 +440,7 @@ def preprocess_dataset(
     Args:
         cases: the cases to read.
         crop_to_nonzero: crop each case to its nonzero bounding box.
+        target_spacing: voxel size in mm to resample to, or None (see :func:`resample_hook`).
         workers: threads reading cases at once.
         progress: show a tqdm progress bar (stderr).
 
@@ -450,7 +452,7 @@ def preprocess_dataset(
     """
 
     def one(case: Case) -> PreprocessedCase:
-        return preprocess_case(case, crop_to_nonzero=crop_to_nonzero)
+        return preprocess_case(case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing)
 
     out: list[PreprocessedCase] = []
     pool = ThreadPoolExecutor(max_workers=max(1, workers))

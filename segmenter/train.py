@@ -128,6 +128,9 @@ def build_plan(dataset: Dataset, cfg: Config, cases: Sequence[PreprocessedCase])
         "normalization": "zscore_nonzero",
         "crop_to_nonzero": cfg.data.crop_to_nonzero,
         "median_spacing": [float(v) for v in np.median(spacings, axis=0)],
+        "target_spacing": (
+            None if cfg.data.target_spacing is None else [float(v) for v in cfg.data.target_spacing]
+        ),
         "threshold": cfg.inference.threshold,
         "min_lesion_mm3": cfg.inference.min_lesion_mm3,
     }
@@ -346,8 +349,9 @@ def _prepare(
     cfg: Config, dataset: Dataset, run: Path, fold: int | str, progress: bool
 ) -> tuple[dict[str, Any], list[PreprocessedCase], list[PreprocessedCase]]:
     cases = preprocess_dataset(
-        dataset.training, crop_to_nonzero=cfg.data.crop_to_nonzero, workers=2, progress=progress
-    )
+        dataset.training, crop_to_nonzero=cfg.data.crop_to_nonzero,
+        target_spacing=cfg.data.target_spacing, workers=2, progress=progress,
+    )  # fmt: skip
     ids = [c.case_id for c in cases]
     burdens = [float((c.label > 0).mean()) if c.label is not None else 0.0 for c in cases]
     if fold == "all":
