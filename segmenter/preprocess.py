@@ -1,4 +1,8 @@
-"""Per-case preprocessing: crop to the nonzero region and z-score normalise inside it.
+"""Per-case preprocessing: canonical orientation, crop to nonzero, resample, z-score.
+
+Every case is first reordered and flipped to the array axis order closest to RAS (nibabel's
+canonical orientation; the affine follows, so world positions do not change), so that axes
+mean the same thing in every case (the thick-slice axis of axial scans is always the last).
 
 This is nnU-Net's rule for MRI: the nonzero mask of a case is the union over its channels of
 the voxels that are not 0 (holes filled), the case is cropped to the mask's bounding box, and
@@ -22,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 from tqdm import tqdm
@@ -215,6 +220,46 @@ def resample_hook(
     return image, label, target
 
 
+# ------------------------------------------------------------------------------ orientation
+
+#: nibabel orientation of arrays already in RAS axis order.
+CANONICAL = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+
+
+def to_canonical(
+    images: np.ndarray,
+    label: np.ndarray | None,
+    affine: np.ndarray,
+    spacing: tuple[float, ...],
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, tuple[float, ...], np.ndarray | None]:
+    """Arrays reordered and flipped to the axis order closest to RAS (nibabel's canonical).
+
+    Args:
+        images: ``(C, X, Y, Z)``.
+        label: ``(X, Y, Z)`` or None.
+        affine: 4x4 voxel-to-RAS+ matrix.
+        spacing: voxel size in mm per array axis.
+
+    Returns:
+        ``(images, label, affine, spacing, orientation)`` in canonical order; ``orientation``
+        is the transform applied (None, and the inputs unchanged, when already canonical).
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    if np.array_equal(ornt, CANONICAL):
+        return images, label, affine, spacing, None
+    shape = images.shape[1:]
+    images = np.ascontiguousarray(
+        np.stack([nib.orientations.apply_orientation(ch, ornt) for ch in images])
+    )
+    if label is not None:
+        label = np.ascontiguousarray(nib.orientations.apply_orientation(label, ornt))
+    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    new_spacing = [0.0, 0.0, 0.0]
+    for axis, (target, _flip) in enumerate(ornt):
+        new_spacing[int(target)] = spacing[axis]
+    return images, label, new_affine, tuple(new_spacing), ornt
+
+
 # --------------------------------------------------------------------------------- per case
 
 
@@ -226,10 +271,13 @@ class PreprocessedCase:
         case_id: the case identifier.
         image: ``(C, X, Y, Z)`` float32, cropped and z-scored (0 outside the nonzero mask).
         label: ``(X, Y, Z)`` uint8 on the same grid as ``image`` (cropped), None when unlabelled.
-        box: where ``image`` lies in the original volume.
-        affine: 4x4 voxel-to-RAS+ (mm) matrix of the ORIGINAL (uncropped) image.
+        box: where ``image`` lies in the reoriented (canonical), uncropped volume.
+        affine: 4x4 voxel-to-RAS+ (mm) matrix of that reoriented, uncropped volume (the
+            original image's when it was already closest to RAS).
         spacing: voxel size in mm of ``image`` along X, Y, Z.
         original_shape: ``(X, Y, Z)`` of the original image.
+        orientation: nibabel orientation (3x2: target axis, flip per original axis) that took
+            the original arrays to the canonical RAS axis order, or None when they were in it.
     """
 
     case_id: str
@@ -239,6 +287,7 @@ class PreprocessedCase:
     affine: np.ndarray
     spacing: tuple[float, ...]
     original_shape: tuple[int, ...]
+    orientation: np.ndarray | None = None
 
     @property
     def crop_affine(self) -> np.ndarray:
@@ -261,7 +310,7 @@ class PreprocessedCase:
             fill: value outside the crop box.
 
         Returns:
-            ``(..., *original_shape)``.
+            ``(..., *original_shape)``, in the original axis order.
         """
         if tuple(arr.shape[-3:]) != self.box.size:
             if arr.ndim == 3:
@@ -270,7 +319,13 @@ class PreprocessedCase:
                 flat = arr.reshape(-1, *arr.shape[-3:])
                 back = resample.resample_probabilities(flat, self.spacing, self.box.size)
                 arr = back.reshape(*arr.shape[:-3], *self.box.size)
-        return uncrop(arr, self.box, fill=fill)
+        out = uncrop(arr, self.box, fill=fill)
+        if self.orientation is None:
+            return out
+        undo = nib.orientations.ornt_transform(CANONICAL, self.orientation)
+        flat = out.reshape(-1, *out.shape[-3:])
+        back = np.stack([nib.orientations.apply_orientation(v, undo) for v in flat])
+        return np.ascontiguousarray(back.reshape(*out.shape[:-3], *self.original_shape))
 
 
 def _check_finite(array: np.ndarray, name: str) -> None:
@@ -339,11 +394,13 @@ def preprocess_arrays(
         if tuple(label.shape) != shape:
             raise InputError(f"{case_id}: label shape {tuple(label.shape)} != image shape {shape}")
         lab = _as_label(np.asarray(label), f"{case_id} label")
-    box = nonzero_bbox(stack) if crop_to_nonzero else CropBox.whole(shape)
-    if box.size != shape:
+    spacing_t = tuple(float(s) for s in spacing)
+    affine = np.asarray(affine, dtype=np.float64)
+    stack, lab, affine, spacing_t, ornt = to_canonical(stack, lab, affine, spacing_t)
+    box = nonzero_bbox(stack) if crop_to_nonzero else CropBox.whole(stack.shape[1:])
+    if box.size != stack.shape[1:]:
         stack = crop(stack, box)
         lab = crop(lab, box) if lab is not None else None
-    spacing_t = tuple(float(s) for s in spacing)
     stack, lab, spacing_t = resample_hook(stack, lab, spacing_t, target_spacing)
     normalised, stats = zscore_nonzero(stack)
     logger.debug("%s: box %s..%s, stats %s", case_id, box.lo, box.hi, stats)
@@ -352,9 +409,10 @@ def preprocess_arrays(
         image=normalised,
         label=lab,
         box=box,
-        affine=np.asarray(affine, dtype=np.float64),
+        affine=affine,
         spacing=spacing_t,
         original_shape=shape,
+        orientation=ornt,
     )
 
 

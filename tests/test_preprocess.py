@@ -244,7 +244,47 @@ def test_crop_affine_maps_cropped_voxels_to_the_same_world_points() -> None:
     img[3:7, 2:9, 1:5] = 5.0
     case = preprocess_arrays([img], None, affine, (1.5, 2.0, 3.0), crop_to_nonzero=True,
                              case_id="c")  # fmt: skip
-    assert case.box.lo == (3, 2, 1)
+    # canonical order: axis 0 = original axis 1 flipped (-2 mm along x: L -> R), axis 1 =
+    # original axis 0 (A), axis 2 unchanged (S)
+    assert case.box.lo == (3, 3, 1) and case.spacing == (2.0, 1.5, 3.0)
     world_cropped = case.crop_affine @ np.array([0.0, 0.0, 0.0, 1.0])
-    world_original = affine @ np.array([3.0, 2.0, 1.0, 1.0])
+    world_original = affine @ np.array([3.0, 12 - 1 - 3, 1.0, 1.0])
     np.testing.assert_allclose(world_cropped, world_original)
+
+
+def _axcode_affine(codes: tuple[str, str, str], spacing: tuple[float, float, float]) -> np.ndarray:
+    """Voxel-to-world matrix whose array axes point along ``codes`` (e.g. L, P, S)."""
+    direction = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+    affine = np.zeros((4, 4))
+    for i, (code, size) in enumerate(zip(codes, spacing, strict=True)):
+        axis, sign = direction[code]
+        affine[axis, i] = sign * size
+    affine[:, 3] = (5.0, -3.0, 2.0, 1.0)
+    return affine
+
+
+@pytest.mark.parametrize(
+    "codes", [("L", "P", "S"), ("P", "I", "R"), ("A", "S", "L"), ("R", "A", "S")]
+)
+def test_cases_are_reoriented_to_ras_and_restored(codes: tuple[str, str, str]) -> None:
+    import nibabel as nib
+
+    from segmenter.preprocess import preprocess_arrays
+
+    spacing = (0.9, 1.1, 2.5)
+    affine = _axcode_affine(codes, spacing)
+    assert nib.aff2axcodes(affine) == codes
+    rng = np.random.default_rng(0)
+    img = np.zeros((9, 11, 7), np.float32)
+    img[1:8, 2:10, 1:6] = rng.random((7, 8, 5)) + 1
+    label = ((rng.random((9, 11, 7)) > 0.7) & (img > 0)).astype(np.uint8)
+    pre = preprocess_arrays([img], label, affine, spacing, crop_to_nonzero=True, case_id="c")
+    assert nib.aff2axcodes(pre.affine) == ("R", "A", "S")
+    assert sorted(pre.spacing) == sorted(spacing) and pre.label is not None
+    np.testing.assert_array_equal(pre.restore(pre.label), label)
+    # every voxel of the crop sits at the world position of the original voxel it came from
+    for idx in [(0, 0, 0), tuple(n - 1 for n in pre.label.shape), (2, 3, 1)]:
+        world = pre.crop_affine @ np.array([*idx, 1.0])
+        ijk = np.linalg.solve(affine, world)[:3]
+        np.testing.assert_allclose(ijk, np.round(ijk), atol=1e-9)
+        assert pre.label[idx] == label[tuple(np.round(ijk).astype(int))]
