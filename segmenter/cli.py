@@ -159,7 +159,7 @@ def _default_run_dir(config_path: str | None, fold: int | str) -> Path:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from segmenter import inference, predict
 
-    predictor = inference.load_predictor(args.model, device=args.device)
+    predictors = inference.load_predictors(args.model, device=args.device)
     options = predict.PredictOptions(
         tta=False if args.no_tta else None,
         threshold=args.threshold,
@@ -167,13 +167,34 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         save_probabilities=args.save_probabilities,
     )
     results = predict.predict_all(
-        predictor, args.input, args.output, options, progress=_progress("predict")
+        predictors, args.input, args.output, options, progress=_progress("predict")
     )
     for r in results:
         print(f"{r.case_id}: {r.seconds:.1f} s, {r.n_lesion_voxels} lesion voxels -> {r.mask_path}")
     if results:
         mean = sum(r.seconds for r in results) / len(results)
-        print(f"{len(results)} case(s), {mean:.1f} s per case on {predictor.device}")
+        models = f"{len(predictors)} models" if len(predictors) > 1 else "1 model"
+        print(f"{len(results)} case(s), {mean:.1f} s per case on {predictors[0].device} ({models})")
+    return 0
+
+
+def _cmd_crossval(args: argparse.Namespace) -> int:
+    from segmenter import config as config_mod
+    from segmenter import crossval
+
+    cfg = config_mod.load_config(args.config, args.set)
+    result = crossval.run_crossval(cfg, args.out, folds=args.folds, progress=True)
+    post = result.postprocessing
+    print(f"folds {result.folds} (trained now: {result.trained or 'none'}); {post['tuned_on']}")
+    print(f"{'post-processing':<34}{'F1':>7}{'recall':>8}{'prec':>7}{'Dice':>7}")
+    for key in ("before", "after"):
+        row = post[key]
+        label = f"{key}: threshold {row['threshold']:.2f}, min {row['min_lesion_mm3']:g} mm3"
+        print(
+            f"{label:<34}{_fmt(row['f1']):>7}{_fmt(row['recall']):>8}"
+            f"{_fmt(row['precision']):>7}{_fmt(row['dice']):>7}"
+        )
+    print(f"wrote {Path(args.out) / 'summary.json'} (out-of-fold, after) and postprocessing.json")
     return 0
 
 
@@ -314,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("predict", help="segment new scans with a trained run")
-    p.add_argument("--model", required=True, help="run folder (holds checkpoints/best.pt)")
+    p.add_argument(
+        "--model", required=True, nargs="+",
+        help="run folder(s) (checkpoints/best.pt) or a crossval folder (all its folds); "
+        "several: their probabilities are averaged",
+    )  # fmt: skip
     p.add_argument(
         "--input", required=True, nargs="+",
         help="one file per channel in channel order, or a folder of CASE_XXXX files",
@@ -333,6 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write float32 probability maps (OUTPUT/probabilities/)",
     )  # fmt: skip
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("crossval", help="all folds, out-of-fold tuning and evaluation")
+    p.add_argument("--config", required=True, help="YAML config (train.n_folds sets the split)")
+    p.add_argument("--out", required=True, help="cross-validation folder (finished folds kept)")
+    p.add_argument("--folds", type=int, nargs="+", help="fold numbers to run (default: every fold)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )  # fmt: skip
+    p.set_defaults(func=_cmd_crossval)
 
     p = sub.add_parser("compare", help="train and evaluate several variants of a config")
     p.add_argument("--config", required=True, help="base YAML config (data, model, split...)")

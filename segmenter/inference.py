@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,10 @@ def foreground_probability(logits: np.ndarray, activation: str) -> np.ndarray:
     return prob.numpy().astype(np.float32)
 
 
+#: File in a run folder holding tuned post-processing (threshold, minimum lesion size).
+POSTPROCESSING_FILE = "postprocessing.json"
+
+
 @dataclass(frozen=True)
 class Predictor:
     """A trained model ready for inference, loaded from a run folder."""
@@ -212,6 +217,9 @@ def build_from_plan(config: Config, plan: dict[str, Any]) -> UNet3d:
 def load_predictor(run_dir: str | Path, *, device: str = "auto", which: str = "best") -> Predictor:
     """Load ``RUN/checkpoints/{best,last}.pt`` into an eval-mode model.
 
+    When the run holds a ``postprocessing.json`` (written by ``segmenter crossval`` from its
+    out-of-fold predictions), its threshold and minimum lesion size replace the run's own.
+
     Raises:
         InputError: missing run folder or checkpoint, unreadable checkpoint.
     """
@@ -219,9 +227,42 @@ def load_predictor(run_dir: str | Path, *, device: str = "auto", which: str = "b
     dev = resolve_device(device)
     state = load_checkpoint(path, map_location=dev)
     config = config_from_dict(state["config"])
-    plan = state["plan"]
+    plan = dict(state["plan"])
+    tuned = Path(run_dir) / POSTPROCESSING_FILE
+    if tuned.is_file():
+        try:
+            post = json.loads(tuned.read_text())
+            plan["threshold"] = float(post["threshold"])
+            plan["min_lesion_mm3"] = float(post["min_lesion_mm3"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{tuned}: unreadable post-processing file ({exc})") from None
+        plan["postprocessing_file"] = str(tuned)
     model = build_from_plan(config, plan)
     model.load_state_dict(state["model"])
     model.place(dev).eval()
     dtype = autocast_dtype(config.train.precision, dev)
     return Predictor(model, config, plan, dev, dtype, path)
+
+
+def model_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """The run folders ``--model`` names: a run itself, or a cross-validation folder's
+    ``fold_K`` runs (in fold order). Anything else is returned as is (loading it then fails
+    with its own message)."""
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        folds = []
+        if p.is_dir() and not (p / "checkpoints").is_dir():
+            folds = [
+                d for d in p.glob("fold_*")
+                if d.name[5:].isdigit() and (d / "checkpoints").is_dir()
+            ]  # fmt: skip
+        if folds:
+            runs.extend(sorted(folds, key=lambda d: int(d.name[5:])))
+        else:
+            runs.append(p)
+    return runs
+
+
+def load_predictors(paths: Sequence[str | Path], *, device: str = "auto") -> list[Predictor]:
+    """One predictor per run of :func:`model_runs` (an ensemble when several)."""
+    return [load_predictor(run, device=device) for run in model_runs(paths)]

@@ -22,7 +22,7 @@ import numpy as np
 from segmenter.data import Case, find_cases
 from segmenter.errors import InputError
 from segmenter.inference import Predictor, foreground_probability, predict_logits
-from segmenter.io import is_image_file, strip_suffix, suffix_of, write_like
+from segmenter.io import Image, is_image_file, strip_suffix, suffix_of, write_like
 from segmenter.postprocess import probabilities_to_mask
 from segmenter.preprocess import preprocess_arrays, read_case
 
@@ -98,34 +98,80 @@ def output_paths(
     return {c.case_id: out / f"{c.case_id}{ending}" for c in cases}
 
 
-def predict_case(
-    predictor: Predictor, case: Case, mask_path: Path, options: PredictOptions
-) -> Prediction:
-    """Predict one case and write its mask (and probabilities when asked)."""
-    start = time.perf_counter()
-    cfg = predictor.config
+def ensemble(predictor: Predictor | Sequence[Predictor]) -> list[Predictor]:
+    """One or several predictors as a list, checked to take and give the same things.
+
+    Raises:
+        InputError: no predictor, or models with other channels or output activation.
+    """
+    models = [predictor] if isinstance(predictor, Predictor) else list(predictor)
+    if not models:
+        raise InputError("no model to predict with")
+    first = models[0]
+    for other in models[1:]:
+        if other.channel_names != first.channel_names:
+            raise InputError(
+                f"{other.checkpoint}: channels {other.channel_names} differ from "
+                f"{first.checkpoint}'s {first.channel_names}"
+            )
+        if other.plan["activation"] != first.plan["activation"]:
+            raise InputError(f"{other.checkpoint}: another output activation than the others")
+    return models
+
+
+def predict_probability(
+    predictor: Predictor | Sequence[Predictor], case: Case, options: PredictOptions
+) -> tuple[np.ndarray, Image]:
+    """Foreground probabilities of one case on its own grid, averaged over the models.
+
+    Each model applies its own run's preprocessing (crop, target spacing), and its
+    probabilities are brought back to the scan's grid before averaging.
+
+    Returns:
+        ``(X, Y, Z)`` float32 probabilities and the case's channel 0 (its geometry).
+
+    Raises:
+        InputError: unreadable files, or another number of channels than the models take.
+    """
+    models = ensemble(predictor)
     images, _ = read_case(case, with_label=False)
-    if len(images) != len(predictor.channel_names):
+    n_channels = len(models[0].channel_names)
+    if len(images) != n_channels:
         raise InputError(
-            f"{case.images[0]}: the model expects {len(predictor.channel_names)} channel(s), "
+            f"{case.images[0]}: the model expects {n_channels} channel(s), "
             f"the case has {len(images)}"
         )
-    pre = preprocess_arrays(
-        [im.array for im in images], None, images[0].affine, images[0].spacing,
-        crop_to_nonzero=bool(predictor.plan["crop_to_nonzero"]), case_id=case.case_id,
-        target_spacing=predictor.plan.get("target_spacing"),
-    )  # fmt: skip
-    logits = predict_logits(
-        predictor.model, pre.image, predictor.patch_size, cfg.inference,
-        device=predictor.device, dtype=predictor.dtype, tta=options.tta,
-    )  # fmt: skip
-    prob = pre.restore(foreground_probability(logits, predictor.plan["activation"]))
-    plan = predictor.plan
+    total: np.ndarray | None = None
+    for model in models:
+        pre = preprocess_arrays(
+            [im.array for im in images], None, images[0].affine, images[0].spacing,
+            crop_to_nonzero=bool(model.plan["crop_to_nonzero"]), case_id=case.case_id,
+            target_spacing=model.plan.get("target_spacing"),
+        )  # fmt: skip
+        logits = predict_logits(
+            model.model, pre.image, model.patch_size, model.config.inference,
+            device=model.device, dtype=model.dtype, tta=options.tta,
+        )  # fmt: skip
+        prob = pre.restore(foreground_probability(logits, model.plan["activation"]))
+        total = prob if total is None else total + prob
+    assert total is not None
+    return (total / len(models)).astype(np.float32), images[0]
+
+
+def predict_case(
+    predictor: Predictor | Sequence[Predictor], case: Case, mask_path: Path, options: PredictOptions
+) -> Prediction:
+    """Predict one case (one model, or the mean probability of several) and write its mask
+    (and probabilities when asked). Threshold and minimum lesion size: ``options``, else the
+    first model's run (its tuned post-processing, when it has one)."""
+    start = time.perf_counter()
+    models = ensemble(predictor)
+    prob, reference = predict_probability(models, case, options)
+    plan = models[0].plan
     threshold = options.threshold if options.threshold is not None else plan["threshold"]
     min_mm3 = options.min_lesion_mm3
     if min_mm3 is None:
         min_mm3 = plan["min_lesion_mm3"]
-    reference = images[0]
     mask = probabilities_to_mask(
         prob, reference.spacing, threshold=threshold, min_lesion_mm3=min_mm3
     )
@@ -133,21 +179,23 @@ def predict_case(
     prob_path = None
     if options.save_probabilities:
         prob_path = mask_path.parent / PROBABILITY_FOLDER / mask_path.name
-        write_like(prob_path, prob.astype(np.float32), reference)
+        write_like(prob_path, prob, reference)
     return Prediction(
         case.case_id, mask_path, prob_path, time.perf_counter() - start, int(mask.sum())
     )
 
 
 def predict_all(
-    predictor: Predictor,
+    predictor: Predictor | Sequence[Predictor],
     inputs: Sequence[str | Path],
     output: str | Path,
     options: PredictOptions,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
 ) -> list[Prediction]:
-    """Predict every case of ``inputs`` into ``output`` (see the module docstring)."""
-    cases = collect_cases(inputs, predictor)
+    """Predict every case of ``inputs`` into ``output`` with one model or the mean of several
+    (see the module docstring)."""
+    predictor = ensemble(predictor)
+    cases = collect_cases(inputs, predictor[0])
     single = len(inputs) >= 1 and not Path(inputs[0]).is_dir()
     paths = output_paths(cases, output, single_file_ok=single)
     iterable: Iterable[Case] = cases

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from segmenter import metrics, report
+from segmenter import metrics, report, tuning
 from segmenter.atomic import atomic_path, write_text
 from segmenter.checkpoint import load_checkpoint, save_checkpoint
 from segmenter.config import Config, config_to_dict, save_config
@@ -211,7 +211,7 @@ def validation_probabilities(
     return probs
 
 
-THRESHOLD_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.10 .. 0.90
+THRESHOLD_GRID = tuning.THRESHOLDS  # 0.10 .. 0.90
 
 
 def tune_threshold(
@@ -221,52 +221,24 @@ def tune_threshold(
     cfg: Config,
     grid: Sequence[float] = THRESHOLD_GRID,
 ) -> tuple[float, list[dict[str, float]]]:
-    """The threshold with the best mean of pooled lesion F1 and voxel Dice (ties: nearer 0.5).
-
-    Lesion F1 alone rewards a low threshold that merges every lesion into one large false blob
-    (any overlap detects them all, and the blob is a true positive); Dice alone ignores small
-    lesions. Their mean needs both.
+    """The threshold with the best mean of pooled lesion F1 and voxel Dice (ties: nearer 0.5),
+    at the config's minimum lesion size (:func:`segmenter.tuning.grid_search`).
 
     Args:
         probabilities: per case ``(X, Y, Z)`` foreground probabilities.
         references: per case ``(X, Y, Z)`` binary references.
         spacings: voxel sizes in mm.
-        cfg: supplies the lesion rule, size bins and minimum lesion size.
+        cfg: supplies the lesion rule and minimum lesion size.
         grid: thresholds to try.
 
     Returns:
-        The chosen threshold and one row per threshold (threshold, f1, recall, precision, dice).
+        The chosen threshold and one row per threshold (threshold, f1, recall, precision, dice,
+        criterion, min_lesion_mm3).
     """
-    rule = metrics.PRESETS[cfg.evaluation.preset]
-    rows = []
-    for thr in grid:
-        tp = fp = fn = tp_pred = n_pred = 0
-        dices = []
-        for prob, ref, spacing in zip(probabilities, references, spacings, strict=True):
-            pred = probabilities_to_mask(
-                prob, spacing, threshold=thr, min_lesion_mm3=cfg.inference.min_lesion_mm3
-            )
-            s = metrics.lesion_metrics(pred, ref, spacing, rule=rule).summary
-            tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
-            tp_pred, n_pred = tp_pred + s["tp_pred"], n_pred + s["n_pred"]
-            d = metrics.dice(pred, ref)
-            if not math.isnan(d):
-                dices.append(d)
-        denom = tp + 0.5 * (fp + fn)
-        rows.append({
-            "threshold": thr,
-            "f1": tp / denom if denom else math.nan,
-            "recall": tp / (tp + fn) if tp + fn else math.nan,
-            "precision": tp_pred / n_pred if n_pred else math.nan,
-            "dice": float(np.mean(dices)) if dices else math.nan,
-        })  # fmt: skip
-
-    def key(row: dict[str, float]) -> tuple[float, float]:
-        f1 = 0.0 if math.isnan(row["f1"]) else row["f1"]
-        dice = 0.0 if math.isnan(row["dice"]) else row["dice"]
-        return (round(0.5 * (f1 + dice), 6), -abs(row["threshold"] - 0.5))
-
-    best = max(rows, key=key)
+    best, rows = tuning.grid_search(
+        probabilities, references, spacings, metrics.PRESETS[cfg.evaluation.preset],
+        thresholds=grid, min_sizes_mm3=(cfg.inference.min_lesion_mm3,),
+    )  # fmt: skip
     return float(best["threshold"]), rows
 
 

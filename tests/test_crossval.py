@@ -1,0 +1,92 @@
+"""Tests for `segmenter crossval` and ensembles in `segmenter predict`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segmenter.cli import main
+from segmenter.data import load_dataset
+from segmenter.inference import load_predictor, load_predictors, model_runs
+from segmenter.predict import PredictOptions, predict_probability
+from segmenter.synthetic import PhantomSpec, write_dataset
+
+TINY = """\
+data: {{dataset: {dataset}, patch_size: [32, 32, 32], num_workers: 0}}
+model: {{depth: 3, base_filters: 4, max_filters: 16}}
+train: {{epochs: 1, iterations_per_epoch: 2, val_every: 1, n_folds: 3, precision: fp32}}
+inference: {{sw_batch_size: 1, tta: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def crossval_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cv")
+    dataset = write_dataset(root, 6, seed=3, spec=PhantomSpec(size=32), n_test=1)
+    config = root / "tiny.yaml"
+    config.write_text(TINY.format(dataset=dataset))
+    out = root / "cv"
+    assert main(["crossval", "--config", str(config), "--out", str(out)]) == 0
+    return dataset, out
+
+
+def test_crossval_writes_folds_oof_summary_and_postprocessing(
+    crossval_run: tuple[Path, Path],
+) -> None:
+    dataset, out = crossval_run
+    cases = sorted(c.case_id for c in load_dataset(dataset).training)
+    assert [p.name for p in model_runs([out])] == ["fold_0", "fold_1", "fold_2"]
+    oof = sorted(p.name for p in (out / "oof" / "probabilities").iterdir())
+    assert oof == [f"{c}.nii.gz" for c in cases]  # every case predicted once, out of fold
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 6 and "pooled" in summary["lesion"]
+    assert (out / "oof" / "before" / "summary.json").is_file()
+    post = json.loads((out / "postprocessing.json").read_text())
+    assert post["before"]["threshold"] == 0.5 and post["before"]["min_lesion_mm3"] == 0.0
+    # (0.5, 0 mm3) is on the grid, so the tuned choice scores at least as well on the OOF cases
+    assert post["after"]["criterion"] >= post["before"]["criterion"]
+    assert len(post["grid"]) == 17 * 6
+    for k in range(3):
+        assert json.loads((out / f"fold_{k}" / "postprocessing.json").read_text()) == post
+        plan = load_predictor(out / f"fold_{k}").plan
+        assert (plan["threshold"], plan["min_lesion_mm3"]) == (
+            post["threshold"], post["min_lesion_mm3"],
+        )  # fmt: skip
+
+
+def test_rerun_keeps_finished_folds(
+    crossval_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, out = crossval_run
+    stamp = (out / "fold_1" / "checkpoints" / "best.pt").stat().st_mtime_ns
+    config = out / "config.yaml"
+    assert main(["crossval", "--config", str(config), "--out", str(out), "--folds", "1"]) == 0
+    assert "trained now: none" in capsys.readouterr().out
+    assert (out / "fold_1" / "checkpoints" / "best.pt").stat().st_mtime_ns == stamp
+    assert main(["crossval", "--config", str(config), "--out", str(out), "--folds", "3"]) == 2
+
+
+def test_predict_with_the_crossval_folder_averages_the_folds(
+    crossval_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset, out = crossval_run
+    case = load_dataset(dataset).test[0]
+    predictors = load_predictors([out])
+    assert len(predictors) == 3
+    options = PredictOptions(tta=False)
+    mean, _ = predict_probability(predictors, case, options)
+    singles = [predict_probability(p, case, options)[0] for p in predictors]
+    np.testing.assert_allclose(mean, np.mean(singles, axis=0), atol=1e-6)
+    argv = ["predict", "--model", str(out), "--input", str(dataset / "imagesTs"),
+            "--output", str(tmp_path / "pred"), "--no-tta"]  # fmt: skip
+    assert main(argv) == 0
+    assert "(3 models)" in capsys.readouterr().out
+    assert (tmp_path / "pred" / f"{case.case_id}.nii.gz").is_file()
+    two = [str(out / "fold_0"), str(out / "fold_2")]
+    argv = ["predict", "--model", *two, "--input", str(dataset / "imagesTs"),
+            "--output", str(tmp_path / "two"), "--no-tta"]  # fmt: skip
+    assert main(argv) == 0
+    assert "(2 models)" in capsys.readouterr().out
