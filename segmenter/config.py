@@ -42,6 +42,9 @@ class DataConfig:
         target_spacing: voxel size (mm, X Y Z) every case is resampled to after cropping, in
             training and prediction (predictions go back to each input's own grid); null keeps
             each case's own spacing. ``segmenter plan`` suggests one (nnU-Net's rule).
+        cache_dir: folder keeping preprocessed cases as memory-mapped ``.npy`` files
+            (``segmenter.cache``), reused by every run with the same data and settings; a
+            relative path starts at the working directory; empty: preprocess in memory.
     """
 
     dataset: str = ""
@@ -52,6 +55,7 @@ class DataConfig:
     num_workers: int = 2
     crop_to_nonzero: bool = True
     target_spacing: tuple[float, ...] | None = None
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         if self.target_spacing is not None and (

@@ -140,7 +140,7 @@ def predict_logits(
     Returns:
         ``(K, X, Y, Z)`` float32 logits (K output channels of the model).
     """
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # a writable copy
     mirrors = MIRROR_AXES if (cfg.tta if tta is None else tta) else ((),)
     total: torch.Tensor | None = None
     for axes in mirrors:

@@ -490,6 +490,7 @@ def preprocess_dataset(
     *,
     crop_to_nonzero: bool = True,
     target_spacing: Sequence[float] | None = None,
+    cache_dir: str | None = None,
     workers: int = 2,
     progress: bool = False,
 ) -> list[PreprocessedCase]:
@@ -499,6 +500,7 @@ def preprocess_dataset(
         cases: the cases to read.
         crop_to_nonzero: crop each case to its nonzero bounding box.
         target_spacing: voxel size in mm to resample to, or None (see :func:`resample_hook`).
+        cache_dir: keep and reuse the results there (:mod:`segmenter.cache`), or None.
         workers: threads reading cases at once.
         progress: show a tqdm progress bar (stderr).
 
@@ -510,6 +512,12 @@ def preprocess_dataset(
     """
 
     def one(case: Case) -> PreprocessedCase:
+        if cache_dir:
+            from segmenter.cache import cached_case
+
+            return cached_case(
+                case, cache_dir, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing
+            )
         return preprocess_case(case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing)
 
     out: list[PreprocessedCase] = []

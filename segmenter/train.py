@@ -322,7 +322,8 @@ def _prepare(
 ) -> tuple[dict[str, Any], list[PreprocessedCase], list[PreprocessedCase]]:
     cases = preprocess_dataset(
         dataset.training, crop_to_nonzero=cfg.data.crop_to_nonzero,
-        target_spacing=cfg.data.target_spacing, workers=2, progress=progress,
+        target_spacing=cfg.data.target_spacing, cache_dir=cfg.data.cache_dir or None,
+        workers=2, progress=progress,
     )  # fmt: skip
     ids = [c.case_id for c in cases]
     burdens = [float((c.label > 0).mean()) if c.label is not None else 0.0 for c in cases]

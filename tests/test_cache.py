@@ -1,0 +1,70 @@
+"""Tests for segmenter.cache: same arrays as in-memory preprocessing, keys, reuse in training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segmenter.cache import cache_key, cached_case
+from segmenter.config import load_config
+from segmenter.data import load_dataset
+from segmenter.preprocess import preprocess_case
+from segmenter.synthetic import PhantomSpec, write_dataset
+from segmenter.train import fit
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = PhantomSpec(size=32, spacing=(1.0, 1.0, 1.5), oblique=True)
+    return write_dataset(tmp_path_factory.mktemp("cache"), 4, seed=5, spec=spec)
+
+
+def test_cached_case_equals_preprocessing_and_is_memory_mapped(
+    dataset: Path, tmp_path: Path
+) -> None:
+    case = load_dataset(dataset).training[0]
+    fresh = preprocess_case(case, target_spacing=(1.0, 1.0, 1.0))
+    first = cached_case(case, tmp_path, target_spacing=(1.0, 1.0, 1.0))
+    (folder,) = list(tmp_path.iterdir())
+    assert folder.name.startswith(case.case_id) and (folder / "meta.json").is_file()
+    again = cached_case(case, tmp_path, target_spacing=(1.0, 1.0, 1.0))
+    for pre in (first, again):
+        assert isinstance(pre.image, np.memmap) and isinstance(pre.label, np.memmap)
+        np.testing.assert_array_equal(pre.image, fresh.image)
+        np.testing.assert_array_equal(pre.label, fresh.label)  # type: ignore[arg-type]
+        assert pre.box == fresh.box and pre.spacing == fresh.spacing
+        np.testing.assert_allclose(pre.affine, fresh.affine)
+        prob = np.asarray(pre.label, dtype=np.float32)
+        np.testing.assert_array_equal(pre.restore(prob), fresh.restore(prob))
+    assert len(list(tmp_path.iterdir())) == 1  # the second call read, did not write
+
+
+def test_key_follows_settings_and_files(dataset: Path) -> None:
+    case = load_dataset(dataset).training[1]
+    key = cache_key(case, crop_to_nonzero=True, target_spacing=None)
+    assert key == cache_key(case, crop_to_nonzero=True, target_spacing=None)
+    assert key != cache_key(case, crop_to_nonzero=False, target_spacing=None)
+    assert key != cache_key(case, crop_to_nonzero=True, target_spacing=(1.0, 1.0, 1.0))
+    st = os.stat(case.images[0])
+    os.utime(case.images[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert key != cache_key(case, crop_to_nonzero=True, target_spacing=None)
+
+
+def test_training_reuses_the_cache(dataset: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    overrides = [
+        f"data.dataset={dataset}", f"data.cache_dir={cache}", "data.patch_size=[32, 32, 32]",
+        "data.num_workers=0", "model.depth=3", "model.base_filters=4", "train.epochs=1",
+        "train.iterations_per_epoch=2", "train.n_folds=2", "train.precision=fp32",
+        "inference.sw_batch_size=1",
+    ]  # fmt: skip
+    fit(load_config(None, overrides), tmp_path / "a", progress=False)
+    entries = sorted(p.name for p in cache.iterdir())
+    assert len(entries) == 4
+    stamps = [(cache / e / "image.npy").stat().st_mtime_ns for e in entries]
+    fit(load_config(None, overrides), tmp_path / "b", progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert [(cache / e / "image.npy").stat().st_mtime_ns for e in entries] == stamps
