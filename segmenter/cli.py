@@ -135,7 +135,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise InputError("train needs --config CFG (or --resume --out RUN)")
-        cfg = config_mod.load_config(args.config, args.set)
+        cfg = _experiment_config(args)
     fold: int | str = args.fold
     out = Path(args.out) if args.out else _default_run_dir(args.config, fold)
     from segmenter import train
@@ -149,6 +149,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"for data {100 * result.data_wait_fraction:.1f}% of the time\nrun folder: {out}"
     )
     return 0
+
+
+def _experiment_config(args: argparse.Namespace) -> Any:
+    """``--config``, then ``--plan``'s patch, batch, depth and spacing, then ``--set``."""
+    from segmenter import config as config_mod
+
+    cfg = config_mod.load_config(args.config)
+    if getattr(args, "plan", None):
+        from segmenter import plan as plan_mod
+
+        cfg = config_mod.apply_values(cfg, plan_mod.plan_values(plan_mod.read_plan(args.plan)))
+    return config_mod.apply_overrides(cfg, args.set)
 
 
 def _default_run_dir(config_path: str | None, fold: int | str) -> Path:
@@ -179,10 +191,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_crossval(args: argparse.Namespace) -> int:
-    from segmenter import config as config_mod
     from segmenter import crossval
 
-    cfg = config_mod.load_config(args.config, args.set)
+    cfg = _experiment_config(args)
     result = crossval.run_crossval(cfg, args.out, folds=args.folds, progress=True)
     post = result.postprocessing
     print(f"folds {result.folds} (trained now: {result.trained or 'none'}); {post['tuned_on']}")
@@ -329,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.epochs=50 (repeatable)",
     )  # fmt: skip
+    p.add_argument(
+        "--plan", help="plan.json from segmenter plan: its patch, batch, depth, target spacing"
+    )
     p.add_argument("--out", help="run folder (default: runs/<config name>/fold_<K>)")
     p.add_argument("--fold", type=_fold, default=0, help="cross-validation fold or 'all'")
     p.add_argument("--resume", action="store_true", help="continue --out from last.pt")
@@ -362,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crossval", help="all folds, out-of-fold tuning and evaluation")
     p.add_argument("--config", required=True, help="YAML config (train.n_folds sets the split)")
     p.add_argument("--out", required=True, help="cross-validation folder (finished folds kept)")
+    p.add_argument(
+        "--plan", help="plan.json from segmenter plan: its patch, batch, depth, target spacing"
+    )
     p.add_argument("--folds", type=int, nargs="+", help="fold numbers to run (default: every fold)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",

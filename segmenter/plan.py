@@ -26,13 +26,16 @@ From the fingerprint (:mod:`segmenter.fingerprint`) and the config's ``plan`` se
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from segmenter.config import Config, ModelConfig
+from segmenter.errors import InputError
 from segmenter.model import MIN_FEATURE_MAP_SIZE, plan_topology
 from segmenter.resample import is_anisotropic, new_shape, target_spacing
 
@@ -139,3 +142,49 @@ def make_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any]:
         "kernels": [list(k) for k in topo.kernels],
         "normalization": normalisation(fingerprint["channel_names"], fingerprint["summary"]),
     }
+
+
+#: The plan's entries a config takes over, and the config key each sets.
+PLAN_KEYS = {
+    "patch_size": "data.patch_size",
+    "batch_size": "data.batch_size",
+    "depth": "model.depth",
+    "target_spacing": "data.target_spacing",
+}
+
+
+def read_plan(path: str | Path) -> dict[str, Any]:
+    """A ``plan.json`` written by ``segmenter plan``.
+
+    Raises:
+        InputError: missing or unreadable file, or a file without the plan's keys.
+    """
+    p = Path(path)
+    try:
+        plan = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{p}: plan not found (write one with segmenter plan DATASET)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{p}: unreadable plan ({exc})") from None
+    missing = [k for k in PLAN_KEYS if not isinstance(plan, dict) or k not in plan]
+    if missing:
+        raise InputError(f"{p}: not a plan.json (no {missing[0]!r})")
+    return plan
+
+
+def plan_values(plan: dict[str, Any]) -> dict[str, Any]:
+    """Config values (dotted keys) that make an experiment follow ``plan``.
+
+    Raises:
+        InputError: the plan asks for CT normalisation, which preprocessing does not do yet.
+    """
+    ct = [
+        n["channel"] for n in plan.get("normalization", []) if n.get("scheme") != "zscore_nonzero"
+    ]
+    if ct:
+        raise InputError(
+            f"the plan normalises channel {ct[0]!r} as CT (clip, then z-score), which "
+            "preprocessing does not implement yet; only MRI channels (z-score inside the "
+            "nonzero mask) can be trained from a plan"
+        )
+    return {key: plan[name] for name, key in PLAN_KEYS.items()}

@@ -77,3 +77,42 @@ def test_plan_command_writes_fingerprint_and_plan(
     assert plan["budget"] == "gpu"
     assert json.loads((out / "fingerprint.json").read_text())["summary"]["n_cases"] == 3
     assert main(["plan", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_train_follows_a_plan_and_set_still_wins(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    assert (
+        main(["plan", str(dataset), "--out", str(out), "--set", "plan.cpu_patch_voxels=32768"]) == 0
+    )
+    plan = json.loads((out / "plan.json").read_text())
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data: {{dataset: {dataset}, num_workers: 0}}\nmodel: {{base_filters: 4}}\n"
+        "train: {epochs: 1, iterations_per_epoch: 1, n_folds: 3, precision: fp32}\n"
+        "inference: {sw_batch_size: 1, tta: false}\n"
+    )
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--plan", str(out / "plan.json"),
+            "--set", "data.batch_size=1", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    saved = load_config(run / "config.yaml")
+    assert list(saved.data.patch_size) == plan["patch_size"]
+    assert saved.model.depth == plan["depth"]
+    assert list(saved.data.target_spacing or ()) == plan["target_spacing"]
+    assert saved.data.batch_size == 1  # --set comes after the plan
+
+
+def test_a_ct_plan_is_refused_with_one_line(tmp_path: Path) -> None:
+    from segmenter.errors import InputError
+    from segmenter.plan import plan_values, read_plan
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({
+        "patch_size": [64, 64, 64], "batch_size": 2, "depth": 4, "target_spacing": [1, 1, 1],
+        "normalization": [{"channel": "CT", "scheme": "ct_clip_zscore"}],
+    }))  # fmt: skip
+    with pytest.raises(InputError, match="normalises channel 'CT' as CT"):
+        plan_values(read_plan(path))
+    path.write_text("{}")
+    with pytest.raises(InputError, match="not a plan.json"):
+        read_plan(path)
