@@ -6,7 +6,7 @@ result: one folder per case, named ``{case_id}-{key}``, holding ``image.npy`` (f
 ``label.npy`` (uint8, when labelled) and ``meta.json`` (crop box, affine, spacing, shapes,
 orientation), ``meta.json`` written last so a folder without it is incomplete and rebuilt.
 The key hashes the cache format version, the preprocessing settings (crop to nonzero, target
-spacing: the plan's part of preprocessing) and every input file's resolved path, size and
+spacing, intensity clipping) and every input file's resolved path, size and
 modification time, so a changed setting or file gets a new entry. Arrays are opened with
 ``numpy.load(mmap_mode="r")``: training reads only the patches it samples, and forked loader
 workers share the pages.
@@ -33,13 +33,22 @@ if TYPE_CHECKING:
 CACHE_VERSION = 1
 
 
-def cache_key(case: Case, *, crop_to_nonzero: bool, target_spacing: Sequence[float] | None) -> str:
+def cache_key(
+    case: Case,
+    *,
+    crop_to_nonzero: bool,
+    target_spacing: Sequence[float] | None,
+    clip_percentiles: Sequence[float] | None = None,
+) -> str:
     """16 hex digits identifying the case's files and the preprocessing settings."""
     h = hashlib.sha256()
     settings = {
         "version": CACHE_VERSION,
         "crop_to_nonzero": bool(crop_to_nonzero),
         "target_spacing": None if target_spacing is None else [float(v) for v in target_spacing],
+        "clip_percentiles": (
+            None if clip_percentiles is None else [float(v) for v in clip_percentiles]
+        ),
     }
     h.update(json.dumps(settings, sort_keys=True).encode())
     for path in [*case.images, *([case.label] if case.label is not None else [])]:
@@ -87,17 +96,24 @@ def cached_case(
     *,
     crop_to_nonzero: bool = True,
     target_spacing: Sequence[float] | None = None,
+    clip_percentiles: Sequence[float] | None = None,
 ) -> PreprocessedCase:
     """The preprocessed case from the cache, preprocessing and storing it first if needed.
 
     Raises:
         InputError: as :func:`segmenter.preprocess.preprocess_case`.
     """
-    key = cache_key(case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing)
+    key = cache_key(
+        case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
+        clip_percentiles=clip_percentiles,
+    )  # fmt: skip
     folder = Path(cache_dir) / f"{case.case_id}-{key}"
     if (folder / "meta.json").is_file():
         return _load(folder)
-    pre = preprocess_case(case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing)
+    pre = preprocess_case(
+        case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
+        clip_percentiles=clip_percentiles,
+    )  # fmt: skip
     _save_array(folder / "image.npy", pre.image)
     if pre.label is not None:
         _save_array(folder / "label.npy", pre.label)

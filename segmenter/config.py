@@ -42,6 +42,9 @@ class DataConfig:
         target_spacing: voxel size (mm, X Y Z) every case is resampled to after cropping, in
             training and prediction (predictions go back to each input's own grid); null keeps
             each case's own spacing. ``segmenter plan`` suggests one (nnU-Net's rule).
+        clip_percentiles: before z-scoring, clip each channel to these percentiles of its
+            intensities inside the nonzero mask (robust to spikes and saturated voxels); null
+            disables it (nnU-Net's MRI rule).
         cache_dir: folder keeping preprocessed cases as memory-mapped ``.npy`` files
             (``segmenter.cache``), reused by every run with the same data and settings; a
             relative path starts at the working directory; empty: preprocess in memory.
@@ -55,6 +58,7 @@ class DataConfig:
     num_workers: int = 2
     crop_to_nonzero: bool = True
     target_spacing: tuple[float, ...] | None = None
+    clip_percentiles: tuple[float, ...] | None = (0.5, 99.5)
     cache_dir: str = ""
 
     def __post_init__(self) -> None:
@@ -64,6 +68,12 @@ class DataConfig:
             raise ConfigError(
                 f"data.target_spacing must be 3 positive sizes in mm or null, "
                 f"got {list(self.target_spacing)}"
+            )
+        clip = self.clip_percentiles
+        if clip is not None and not (len(clip) == 2 and 0.0 <= clip[0] < clip[1] <= 100.0):
+            raise ConfigError(
+                f"data.clip_percentiles must be [lo, hi] with 0 <= lo < hi <= 100, or null, "
+                f"got {list(clip)}"
             )
         if len(self.patch_size) != 3 or min(self.patch_size) < 8:
             raise ConfigError(f"data.patch_size must be 3 sizes >= 8, got {self.patch_size}")

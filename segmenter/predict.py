@@ -147,6 +147,7 @@ def predict_probability(
             [im.array for im in images], None, images[0].affine, images[0].spacing,
             crop_to_nonzero=bool(model.plan["crop_to_nonzero"]), case_id=case.case_id,
             target_spacing=model.plan.get("target_spacing"),
+            clip_percentiles=model.plan.get("clip_percentiles"),
         )  # fmt: skip
         logits = predict_logits(
             model.model, pre.image, model.patch_size, model.config.inference,

@@ -151,14 +151,20 @@ def nonzero_mask(images: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(mask)
 
 
-def zscore_nonzero(images: np.ndarray) -> tuple[np.ndarray, ZScoreStats]:
+def zscore_nonzero(
+    images: np.ndarray, clip_percentiles: Sequence[float] | None = None
+) -> tuple[np.ndarray, ZScoreStats]:
     """Normalise each channel to mean 0, std 1 inside the case's nonzero mask.
 
     Voxels outside the mask become 0. An all-zero case uses the whole volume as its mask; a
-    constant channel (std 0) is divided by 1.
+    constant channel (std 0) is divided by 1. With ``clip_percentiles`` ``(lo, hi)`` each
+    channel is first clipped to those percentiles of its values inside the mask, so a few
+    saturated or spiking voxels (BraTS holds 32767s) neither shift the statistics nor end up
+    hundreds of standard deviations out.
 
     Args:
         images: ``(C, X, Y, Z)`` finite values.
+        clip_percentiles: ``(lo, hi)`` in [0, 100], or None for no clipping.
 
     Returns:
         The normalised ``(C, X, Y, Z)`` float32 array and the :class:`ZScoreStats`.
@@ -173,11 +179,16 @@ def zscore_nonzero(images: np.ndarray) -> tuple[np.ndarray, ZScoreStats]:
     means, stds = [], []
     for c in range(images.shape[0]):
         values = images[c][mask].astype(np.float64)
+        channel = images[c]
+        if clip_percentiles is not None:
+            lo, hi = np.percentile(values, tuple(clip_percentiles))
+            values = np.clip(values, lo, hi)
+            channel = np.clip(channel, lo, hi)
         mean = float(values.mean())
         std = float(values.std())
         if not std > 0:
             std = 1.0
-        np.subtract(images[c], mean, out=out[c], casting="unsafe")
+        np.subtract(channel, mean, out=out[c], casting="unsafe")
         out[c] /= np.float32(std)
         out[c][outside] = 0.0
         means.append(mean)
@@ -357,6 +368,7 @@ def preprocess_arrays(
     crop_to_nonzero: bool,
     case_id: str,
     target_spacing: Sequence[float] | None = None,
+    clip_percentiles: Sequence[float] | None = None,
 ) -> PreprocessedCase:
     """Preprocess one case given as arrays: crop, (resampling hook), z-score.
 
@@ -369,6 +381,8 @@ def preprocess_arrays(
         case_id: identifier used in error messages and kept on the result.
         target_spacing: voxel size in mm to resample to after cropping, or None to keep
             ``spacing`` (see :func:`resample_hook`).
+        clip_percentiles: intensity percentiles to clip each channel to before z-scoring
+            (see :func:`zscore_nonzero`), or None.
 
     Returns:
         The :class:`PreprocessedCase`.
@@ -402,7 +416,7 @@ def preprocess_arrays(
         stack = crop(stack, box)
         lab = crop(lab, box) if lab is not None else None
     stack, lab, spacing_t = resample_hook(stack, lab, spacing_t, target_spacing)
-    normalised, stats = zscore_nonzero(stack)
+    normalised, stats = zscore_nonzero(stack, clip_percentiles)
     logger.debug("%s: box %s..%s, stats %s", case_id, box.lo, box.hi, stats)
     return PreprocessedCase(
         case_id=case_id,
@@ -459,6 +473,7 @@ def preprocess_case(
     *,
     crop_to_nonzero: bool = True,
     target_spacing: Sequence[float] | None = None,
+    clip_percentiles: Sequence[float] | None = None,
 ) -> PreprocessedCase:
     """Read (:func:`read_case`) and preprocess one dataset case.
 
@@ -466,6 +481,7 @@ def preprocess_case(
         case: a :class:`segmenter.data.Case`.
         crop_to_nonzero: crop to the bounding box of the nonzero voxels.
         target_spacing: voxel size in mm to resample to, or None (see :func:`resample_hook`).
+        clip_percentiles: see :func:`zscore_nonzero`.
 
     Returns:
         The :class:`PreprocessedCase`; ``affine`` and ``spacing`` come from channel 0.
@@ -482,6 +498,7 @@ def preprocess_case(
         crop_to_nonzero=crop_to_nonzero,
         case_id=case.case_id,
         target_spacing=target_spacing,
+        clip_percentiles=clip_percentiles,
     )
 
 
@@ -490,6 +507,7 @@ def preprocess_dataset(
     *,
     crop_to_nonzero: bool = True,
     target_spacing: Sequence[float] | None = None,
+    clip_percentiles: Sequence[float] | None = None,
     cache_dir: str | None = None,
     workers: int = 2,
     progress: bool = False,
@@ -500,6 +518,7 @@ def preprocess_dataset(
         cases: the cases to read.
         crop_to_nonzero: crop each case to its nonzero bounding box.
         target_spacing: voxel size in mm to resample to, or None (see :func:`resample_hook`).
+        clip_percentiles: see :func:`zscore_nonzero`.
         cache_dir: keep and reuse the results there (:mod:`segmenter.cache`), or None.
         workers: threads reading cases at once.
         progress: show a tqdm progress bar (stderr).
@@ -516,9 +535,13 @@ def preprocess_dataset(
             from segmenter.cache import cached_case
 
             return cached_case(
-                case, cache_dir, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing
-            )
-        return preprocess_case(case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing)
+                case, cache_dir, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
+                clip_percentiles=clip_percentiles,
+            )  # fmt: skip
+        return preprocess_case(
+            case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
+            clip_percentiles=clip_percentiles,
+        )  # fmt: skip
 
     out: list[PreprocessedCase] = []
     pool = ThreadPoolExecutor(max_workers=max(1, workers))

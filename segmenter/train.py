@@ -128,6 +128,11 @@ def build_plan(dataset: Dataset, cfg: Config, cases: Sequence[PreprocessedCase])
         "normalization": "zscore_nonzero",
         "crop_to_nonzero": cfg.data.crop_to_nonzero,
         "median_spacing": [float(v) for v in np.median(spacings, axis=0)],
+        "clip_percentiles": (
+            None
+            if cfg.data.clip_percentiles is None
+            else [float(v) for v in cfg.data.clip_percentiles]
+        ),
         "target_spacing": (
             None if cfg.data.target_spacing is None else [float(v) for v in cfg.data.target_spacing]
         ),
@@ -322,7 +327,8 @@ def _prepare(
 ) -> tuple[dict[str, Any], list[PreprocessedCase], list[PreprocessedCase]]:
     cases = preprocess_dataset(
         dataset.training, crop_to_nonzero=cfg.data.crop_to_nonzero,
-        target_spacing=cfg.data.target_spacing, cache_dir=cfg.data.cache_dir or None,
+        target_spacing=cfg.data.target_spacing, clip_percentiles=cfg.data.clip_percentiles,
+        cache_dir=cfg.data.cache_dir or None,
         workers=2, progress=progress,
     )  # fmt: skip
     ids = [c.case_id for c in cases]

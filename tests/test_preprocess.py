@@ -288,3 +288,20 @@ def test_cases_are_reoriented_to_ras_and_restored(codes: tuple[str, str, str]) -
         ijk = np.linalg.solve(affine, world)[:3]
         np.testing.assert_allclose(ijk, np.round(ijk), atol=1e-9)
         assert pre.label[idx] == label[tuple(np.round(ijk).astype(int))]
+
+
+def test_clipping_keeps_intensity_spikes_from_dominating_the_z_score() -> None:
+    from segmenter.preprocess import zscore_nonzero
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(500.0, 100.0, (1, 30, 30, 30)).astype(np.float32)
+    image[0, 5, 5, 5] = 32767.0  # a saturated voxel, as in BraTS
+    image[0, 6, 5, 5] = 32767.0
+    plain, stats = zscore_nonzero(image)
+    clipped, clipped_stats = zscore_nonzero(image, (0.5, 99.5))
+    assert plain[0, 5, 5, 5] > 100  # hundreds of standard deviations out
+    assert clipped[0, 5, 5, 5] < 4 and clipped.max() < 4
+    assert stats.std[0] > 200  # two voxels out of 27000 triple the standard deviation
+    assert 90 < clipped_stats.std[0] < 110
+    inside = clipped[0, 10:20, 10:20, 10:20]
+    assert abs(float(inside.mean())) < 0.1 and abs(float(inside.std()) - 1.0) < 0.1
