@@ -49,9 +49,10 @@ from monai.transforms import (
 )
 from monai.utils import set_determinism
 
+from segmenter.atomic import write_text
 from segmenter.data import load_dataset
 from segmenter.evaluate import evaluate_folders
-from segmenter.report import format_table
+from segmenter.report import format_table, summary_json
 
 
 def items(dataset, ids: list[str]) -> list[dict]:
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         nib.save(nib.Nifti1Image(ref_data, ref.affine, ref.header), refs / name)
         seconds.append(time.perf_counter() - t0)
     summary = evaluate_folders(preds, refs, preset=args.preset, out_dir=out / "evaluation")
+    summary["seconds_per_case"] = float(np.mean(seconds))
+    summary["training"] = {"minutes": train_s / 60, "steps": steps, "passes": epochs}
+    write_text(out / "evaluation" / "summary.json", summary_json(summary))
     print(format_table(summary))
     pooled = summary["lesion"]["pooled"]
     print(

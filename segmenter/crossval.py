@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,7 @@ def run_crossval(
     oof = folder / "oof"
     ending = dataset.file_ending
     probs, refs, spacings, names = [], [], [], []
+    seconds: list[float] = []
     options = PredictOptions()
     for k in chosen:
         run = folder / f"fold_{k}"
@@ -131,7 +133,9 @@ def run_crossval(
         for case_id in split["val"]:
             case = by_id[case_id]
             assert case.label is not None
+            t0 = time.perf_counter()
             prob, reference = predict_probability(predictor, case, options)
+            seconds.append(time.perf_counter() - t0)
             name = f"{case_id}{ending}"
             write_like(oof / "probabilities" / name, prob, reference)
             _copy(case.label, oof / "reference" / name)
@@ -165,6 +169,7 @@ def run_crossval(
         "min_lesion_mm3": best["min_lesion_mm3"],
         "criterion": tuning.CRITERION,
         "tuned_on": f"out-of-fold predictions of folds {chosen} ({len(probs)} cases)",
+        "seconds_per_case": float(np.mean(seconds)),
         "before": {"threshold": base_thr, "min_lesion_mm3": base_size,
                    **tuning.score(before, refs, spacings, rule)},
         "after": {k: best[k] for k in ("threshold", "min_lesion_mm3", "f1", "recall",
