@@ -107,20 +107,31 @@ def test_resume_needs_a_run_and_a_fresh_run_needs_an_empty_folder(
         fit(cfg, run, progress=False)
 
 
+#: An oblique scan with 1.2 x 0.9 x 2.8 mm voxels whose array axes are permuted against RAS.
+OBLIQUE = np.array(
+    [[0.0, -0.9, 0.3, 40.0], [1.2, 0.0, 0.0, -20.0], [0.0, 0.25, 2.8, 10.0], [0, 0, 0, 1]]
+)
+
+
+def _oblique_scan(folder: Path, shape: tuple[int, int, int], seed: int, margin: int) -> list[Path]:
+    """Two channels of noise on :data:`OBLIQUE`, zero within ``margin`` voxels of the border."""
+    rng = np.random.default_rng(seed)
+    inner = tuple(slice(margin, n - margin) for n in shape)
+    paths = []
+    for c in range(2):
+        vol = np.zeros(shape, np.float32)
+        vol[inner] = rng.normal(100, 20, vol[inner].shape)
+        paths.append(write_image(folder / f"scan_{c:04d}.nii.gz", vol, OBLIQUE))
+    return paths
+
+
 def test_prediction_keeps_the_geometry_of_an_oblique_anisotropic_input(
     tmp_path: Path, config_file: Path
 ) -> None:
     run = tmp_path / "run"
     fit(load_config(config_file, ["train.epochs=1"]), run, progress=False)
-    affine = np.array(
-        [[0.0, -0.9, 0.3, 40.0], [1.2, 0.0, 0.0, -20.0], [0.0, 0.25, 2.8, 10.0], [0, 0, 0, 1]]
-    )
-    rng = np.random.default_rng(0)
     shape = (37, 29, 13)
-    paths = []
-    for c in range(2):
-        vol = rng.normal(100, 20, shape).astype(np.float32)
-        paths.append(write_image(tmp_path / f"scan_{c:04d}.nii.gz", vol, affine))
+    paths = _oblique_scan(tmp_path, shape, seed=0, margin=0)
     out = tmp_path / "scan_mask.nii.gz"
     argv = ["predict", "--model", str(run), "--input", *map(str, paths), "--output", str(out)]
     assert main(argv) == 0
@@ -141,16 +152,8 @@ def test_target_spacing_resamples_for_training_and_back_for_prediction(
     fit(cfg, run, progress=False)
     plan = json.loads((run / "plan.json").read_text())
     assert plan["target_spacing"] == [0.8, 0.8, 0.8]
-    affine = np.array(
-        [[0.0, -0.9, 0.3, 40.0], [1.2, 0.0, 0.0, -20.0], [0.0, 0.25, 2.8, 10.0], [0, 0, 0, 1]]
-    )
-    rng = np.random.default_rng(1)
     shape = (33, 41, 11)
-    paths = []
-    for c in range(2):
-        vol = np.zeros(shape, np.float32)
-        vol[3:30, 4:38, 1:10] = rng.normal(100, 20, (27, 34, 9))
-        paths.append(write_image(tmp_path / f"scan_{c:04d}.nii.gz", vol, affine))
+    paths = _oblique_scan(tmp_path, shape, seed=1, margin=1)
     out = tmp_path / "mask.nii.gz"
     argv = ["predict", "--model", str(run), "--input", *map(str, paths), "--output", str(out),
             "--no-tta", "--save-probabilities"]  # fmt: skip
