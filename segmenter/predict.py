@@ -1,12 +1,13 @@
-"""``segmenter predict``: run a trained model on new scans and write masks in their own geometry.
+"""``segmenter predict``: run trained models on new scans and write masks in their own geometry.
 
-Reads one case (one file per channel, in channel order) or an imagesTs-style folder, applies the
-training preprocessing (crop to nonzero, resampling to the run's target spacing when it has
-one, normalisation), predicts with the sliding window (mirroring TTA by default), puts the
-probabilities back into the scan's grid (linear resampling to the scan's spacing, uncropping),
-thresholds and removes lesions below a minimum size in
-mm3, and writes a uint8 mask (and optionally the float32 probability map) with the input's
-geometry.
+Reads one case (one file per channel, in channel order) or an imagesTs-style folder and, for
+each model (one run, several runs, or a crossval folder's folds), applies that run's
+preprocessing (reorientation, crop to nonzero, resampling to its target spacing when it has
+one, intensity clipping and z-score), predicts with the sliding window (mirroring TTA by
+default) and puts the probabilities back into the scan's grid (linear resampling, uncropping,
+original axis order). The models' probabilities are averaged, thresholded, lesions below a
+minimum size in mm3 removed, and a uint8 mask (and optionally the float32 probability map) is
+written with the input's geometry.
 """
 
 from __future__ import annotations
