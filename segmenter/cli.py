@@ -163,6 +163,11 @@ def _experiment_config(args: argparse.Namespace) -> Any:
     return config_mod.apply_overrides(cfg, args.set)
 
 
+def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` config override."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def _default_run_dir(config_path: str | None, fold: int | str) -> Path:
     stem = Path(config_path).stem if config_path else "run"
     return Path("runs") / stem / f"fold_{fold}"
@@ -315,10 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="nnU-Net raw dataset folder (DatasetXXX_Name)")
     p.add_argument("--config", help="YAML config whose plan section sets the budget")
     p.add_argument("--out", help="where fingerprint.json and plan.json go (default plans/NAME)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. plan.budget=gpu (repeatable)",
-    )  # fmt: skip
+    _add_set(p, "override a config key, e.g. plan.budget=gpu (repeatable)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("evaluate", help="voxel and lesion-level metrics of predictions")
@@ -336,10 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a 3D U-Net (one fold) into a run folder")
     p.add_argument("--config", help="YAML experiment config (names only what it changes)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=50 (repeatable)",
-    )  # fmt: skip
+    _add_set(p, "override a config key, e.g. --set train.epochs=50 (repeatable)")
     p.add_argument(
         "--plan", help="plan.json from segmenter plan: its patch, batch, depth, target spacing"
     )
@@ -380,10 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan", help="plan.json from segmenter plan: its patch, batch, depth, target spacing"
     )
     p.add_argument("--folds", type=int, nargs="+", help="fold numbers to run (default: every fold)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )  # fmt: skip
+    _add_set(p, "override a config key (repeatable)")
     p.set_defaults(func=_cmd_crossval)
 
     p = sub.add_parser("compare", help="train and evaluate several variants of a config")
@@ -393,10 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--minutes", type=_positive_float, help="training budget per variant (train.max_minutes)"
     )
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a key of the base config (repeatable)",
-    )  # fmt: skip
+    _add_set(p, "override a key of the base config (repeatable)")
     p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> predict -> evaluate")

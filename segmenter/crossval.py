@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from segmenter import evaluate, metrics, tuning
-from segmenter.atomic import atomic_path, write_text
+from segmenter.atomic import copy_file, write_text
 from segmenter.config import Config, save_config
 from segmenter.errors import InputError
 from segmenter.inference import POSTPROCESSING_FILE, load_predictor
@@ -68,11 +67,6 @@ def _train_folds(cfg: Config, out: Path, folds: Sequence[int], progress: bool) -
         write_text(run / DONE_FILE, json.dumps(done, indent=2))
         trained.append(k)
     return trained
-
-
-def _copy(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
 
 
 def _masks(
@@ -138,7 +132,7 @@ def run_crossval(
             seconds.append(time.perf_counter() - t0)
             name = f"{case_id}{ending}"
             write_like(oof / "probabilities" / name, prob, reference)
-            _copy(case.label, oof / "reference" / name)
+            copy_file(case.label, oof / "reference" / name)
             label = read_image(case.label).array
             probs.append(prob)
             refs.append((label > 0).astype(np.uint8))

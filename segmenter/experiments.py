@@ -21,7 +21,6 @@ import io as _stdio
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from segmenter.atomic import atomic_path, write_text
+from segmenter.atomic import copy_file, write_text
 from segmenter.config import Config, ConfigError, apply_values, read_yaml, save_config
 from segmenter.data import Case, Dataset
 from segmenter.errors import InputError
@@ -163,12 +162,6 @@ def held_out_cases(dataset: Dataset, run: Path) -> tuple[list[Case], str]:
     fold = split[0] if isinstance(split, list) else split
     by_id = {c.case_id: c for c in dataset.training}
     return [by_id[i] for i in fold["val"]], "validation cases of fold 0"
-
-
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` atomically (the parent folder is created)."""
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
 
 
 FROC_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95

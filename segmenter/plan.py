@@ -26,6 +26,7 @@ From the fingerprint (:mod:`segmenter.fingerprint`) and the config's ``plan`` se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -82,8 +83,7 @@ def patch_and_depth(
         if all(p <= 8.0 for p in patch):
             break
     depth = _depth(patch, max_depth)
-    base = model or ModelConfig()
-    cfg = ModelConfig(**{**base.__dict__, "depth": depth})
+    cfg = dataclasses.replace(model or ModelConfig(), depth=depth)
     rounded = [int(round(p)) for p in patch]
     divisor = plan_topology(cfg, spacing=spacing, patch_size=rounded).divisor
     final = [max(d, int(round(p / d)) * d) for p, d in zip(patch, divisor, strict=True)]
@@ -123,7 +123,7 @@ def make_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any]:
     budget = p.cpu_patch_voxels if p.budget == "cpu" else p.gpu_patch_voxels
     patch, depth = patch_and_depth(median, target, budget, p.max_depth, cfg.model)
     topo = plan_topology(
-        ModelConfig(**{**cfg.model.__dict__, "depth": depth}), spacing=target, patch_size=patch
+        dataclasses.replace(cfg.model, depth=depth), spacing=target, patch_size=patch
     )
     return {
         "dataset": fingerprint["dataset"],
