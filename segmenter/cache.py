@@ -6,7 +6,7 @@ result: one folder per case, named ``{case_id}-{key}``, holding ``image.npy`` (f
 ``label.npy`` (uint8, when labelled) and ``meta.json`` (crop box, affine, spacing, shapes,
 orientation), ``meta.json`` written last so a folder without it is incomplete and rebuilt.
 The key hashes the cache format version, the preprocessing settings (crop to nonzero, target
-spacing, intensity clipping) and every input file's resolved path, size and
+spacing, intensity clipping, CT normalisation) and every input file's resolved path, size and
 modification time, so a changed setting or file gets a new entry. Arrays are opened with
 ``numpy.load(mmap_mode="r")``: training reads only the patches it samples, and forked loader
 workers share the pages.
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from segmenter.atomic import atomic_path, write_text
+from segmenter.config import ChannelNormalization
 from segmenter.preprocess import CropBox, PreprocessedCase, preprocess_case
 
 if TYPE_CHECKING:
@@ -39,10 +40,15 @@ def cache_key(
     crop_to_nonzero: bool,
     target_spacing: Sequence[float] | None,
     clip_percentiles: Sequence[float] | None = None,
+    normalization: Sequence[ChannelNormalization] = (),
 ) -> str:
-    """16 hex digits identifying the case's files and the preprocessing settings."""
+    """16 hex digits identifying the case's files and the preprocessing settings.
+
+    Per-channel ``normalization`` joins the key only when a channel is not plain z-scoring,
+    so the keys of MRI caches written before it existed stay valid.
+    """
     h = hashlib.sha256()
-    settings = {
+    settings: dict[str, Any] = {
         "version": CACHE_VERSION,
         "crop_to_nonzero": bool(crop_to_nonzero),
         "target_spacing": None if target_spacing is None else [float(v) for v in target_spacing],
@@ -50,6 +56,12 @@ def cache_key(
             None if clip_percentiles is None else [float(v) for v in clip_percentiles]
         ),
     }
+    if any(n.scheme != "zscore_nonzero" for n in normalization):
+        settings["normalization"] = [
+            {"scheme": n.scheme, "clip": None if n.clip is None else [float(v) for v in n.clip],
+             "mean": float(n.mean), "std": float(n.std)}
+            for n in normalization
+        ]  # fmt: skip
     h.update(json.dumps(settings, sort_keys=True).encode())
     for path in [*case.images, *([case.label] if case.label is not None else [])]:
         st = os.stat(path)
@@ -97,6 +109,7 @@ def cached_case(
     crop_to_nonzero: bool = True,
     target_spacing: Sequence[float] | None = None,
     clip_percentiles: Sequence[float] | None = None,
+    normalization: Sequence[ChannelNormalization] = (),
 ) -> PreprocessedCase:
     """The preprocessed case from the cache, preprocessing and storing it first if needed.
 
@@ -105,14 +118,14 @@ def cached_case(
     """
     key = cache_key(
         case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
-        clip_percentiles=clip_percentiles,
+        clip_percentiles=clip_percentiles, normalization=normalization,
     )  # fmt: skip
     folder = Path(cache_dir) / f"{case.case_id}-{key}"
     if (folder / "meta.json").is_file():
         return _load(folder)
     pre = preprocess_case(
         case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
-        clip_percentiles=clip_percentiles,
+        clip_percentiles=clip_percentiles, normalization=normalization,
     )  # fmt: skip
     _save_array(folder / "image.npy", pre.image)
     if pre.label is not None:

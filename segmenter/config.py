@@ -26,6 +26,41 @@ class ConfigError(InputError):
 
 
 @dataclass(frozen=True)
+class ChannelNormalization:
+    """How one input channel is normalised (``data.normalization``, one entry per channel).
+
+    Attributes:
+        scheme: ``zscore_nonzero`` (MRI: z-score with the case's own statistics inside its
+            nonzero mask, after ``data.clip_percentiles``; voxels outside the mask become 0) or
+            ``ct_clip_zscore`` (CT: clip to ``clip``, then ``(x - mean) / std`` with the
+            dataset's statistics, the same for every case, over the whole volume).
+        channel: the channel's name, for the reader (``segmenter plan`` fills it in).
+        clip: ``[lo, hi]`` intensities for ``ct_clip_zscore`` (the fingerprint's 0.5 and
+            99.5 percentiles).
+        mean: the dataset's mean intensity for ``ct_clip_zscore``.
+        std: the dataset's standard deviation for ``ct_clip_zscore`` (> 0).
+    """
+
+    scheme: Literal["zscore_nonzero", "ct_clip_zscore"] = "zscore_nonzero"
+    channel: str = ""
+    clip: tuple[float, ...] | None = None
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.scheme != "ct_clip_zscore":
+            return
+        name = f" ({self.channel})" if self.channel else ""
+        if self.clip is None or len(self.clip) != 2 or not self.clip[0] < self.clip[1]:
+            raise ConfigError(
+                f"data.normalization{name}: ct_clip_zscore needs clip: [lo, hi] with lo < hi, "
+                f"got {None if self.clip is None else list(self.clip)}"
+            )
+        if not self.std > 0:
+            raise ConfigError(f"data.normalization{name}: std must be > 0, got {self.std}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Training data, patch sampling and loading.
 
@@ -44,7 +79,11 @@ class DataConfig:
             each case's own spacing. ``segmenter plan`` suggests one (nnU-Net's rule).
         clip_percentiles: before z-scoring, clip each channel to these percentiles of its
             intensities inside the nonzero mask (robust to spikes and saturated voxels); null
-            disables it (nnU-Net's MRI rule).
+            disables it (nnU-Net's MRI rule). Applies to ``zscore_nonzero`` channels.
+        normalization: one :class:`ChannelNormalization` per input channel, in channel order;
+            empty (the default) z-scores every channel inside its nonzero mask (MRI).
+            ``segmenter plan`` writes it from dataset.json's channel names (``CT`` channels:
+            ``ct_clip_zscore`` with the fingerprint's percentiles, mean and std).
         cache_dir: folder keeping preprocessed cases as memory-mapped ``.npy`` files
             (``segmenter.cache``), reused by every run with the same data and settings; a
             relative path starts at the working directory; empty: preprocess in memory.
@@ -59,6 +98,7 @@ class DataConfig:
     crop_to_nonzero: bool = True
     target_spacing: tuple[float, ...] | None = None
     clip_percentiles: tuple[float, ...] | None = (0.5, 99.5)
+    normalization: tuple[ChannelNormalization, ...] = ()
     cache_dir: str = ""
 
     def __post_init__(self) -> None:

@@ -150,6 +150,7 @@ PLAN_KEYS = {
     "batch_size": "data.batch_size",
     "depth": "model.depth",
     "target_spacing": "data.target_spacing",
+    "normalization": "data.normalization",
 }
 
 
@@ -173,18 +174,5 @@ def read_plan(path: str | Path) -> dict[str, Any]:
 
 
 def plan_values(plan: dict[str, Any]) -> dict[str, Any]:
-    """Config values (dotted keys) that make an experiment follow ``plan``.
-
-    Raises:
-        InputError: the plan asks for CT normalisation, which preprocessing does not do yet.
-    """
-    ct = [
-        n["channel"] for n in plan.get("normalization", []) if n.get("scheme") != "zscore_nonzero"
-    ]
-    if ct:
-        raise InputError(
-            f"the plan normalises channel {ct[0]!r} as CT (clip, then z-score), which "
-            "preprocessing does not implement yet; only MRI channels (z-score inside the "
-            "nonzero mask) can be trained from a plan"
-        )
+    """Config values (dotted keys) that make an experiment follow ``plan``."""
     return {key: plan[name] for name, key in PLAN_KEYS.items()}

@@ -25,7 +25,7 @@ from segmenter.errors import InputError
 from segmenter.inference import Predictor, foreground_probability, predict_logits
 from segmenter.io import Image, is_image_file, strip_suffix, suffix_of, write_like
 from segmenter.postprocess import probabilities_to_mask
-from segmenter.preprocess import preprocess_arrays, read_case
+from segmenter.preprocess import normalization_from_plan, preprocess_arrays, read_case
 
 PROBABILITY_FOLDER = "probabilities"
 
@@ -149,6 +149,7 @@ def predict_probability(
             crop_to_nonzero=bool(model.plan["crop_to_nonzero"]), case_id=case.case_id,
             target_spacing=model.plan.get("target_spacing"),
             clip_percentiles=model.plan.get("clip_percentiles"),
+            normalization=normalization_from_plan(model.plan.get("normalization")),
         )  # fmt: skip
         logits = predict_logits(
             model.model, pre.image, model.patch_size, model.config.inference,

@@ -7,7 +7,9 @@ mean the same thing in every case (the thick-slice axis of axial scans is always
 This is nnU-Net's rule for MRI: the nonzero mask of a case is the union over its channels of
 the voxels that are not 0 (holes filled), the case is cropped to the mask's bounding box, and
 each channel is normalised to mean 0 / std 1 with statistics taken inside the mask; voxels
-outside the mask are set to 0. Everything :mod:`segmenter.inference` needs to put a prediction
+outside the mask are set to 0. CT channels (``data.normalization``, written by ``segmenter
+plan``) are instead clipped and z-scored with the dataset's statistics (:func:`normalise`).
+Everything :mod:`segmenter.inference` needs to put a prediction
 back into the scan's own geometry travels with the :class:`PreprocessedCase`.
 
 Resampling to a target spacing (``target_spacing``, from the plan) happens in
@@ -20,11 +22,12 @@ Arrays are numpy, ``(C, X, Y, Z)`` for images and ``(X, Y, Z)`` for labels, in t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -32,6 +35,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from segmenter import io, resample
+from segmenter.config import ChannelNormalization
 from segmenter.errors import InputError
 
 if TYPE_CHECKING:
@@ -125,7 +129,7 @@ def uncrop(arr: np.ndarray, box: CropBox, fill: float = 0) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ZScoreStats:
-    """Per-channel statistics of :func:`zscore_nonzero`.
+    """Per-channel statistics of :func:`normalise`.
 
     Attributes:
         mean: mean inside the mask, per channel.
@@ -151,33 +155,62 @@ def nonzero_mask(images: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(mask)
 
 
-def zscore_nonzero(
-    images: np.ndarray, clip_percentiles: Sequence[float] | None = None
+def normalise(
+    images: np.ndarray,
+    clip_percentiles: Sequence[float] | None = None,
+    schemes: Sequence[ChannelNormalization] = (),
 ) -> tuple[np.ndarray, ZScoreStats]:
-    """Normalise each channel to mean 0, std 1 inside the case's nonzero mask.
+    """Normalise each channel of a case (MRI: its own z-score; CT: the dataset's).
 
-    Voxels outside the mask become 0. An all-zero case uses the whole volume as its mask; a
-    constant channel (std 0) is divided by 1. With ``clip_percentiles`` ``(lo, hi)`` each
-    channel is first clipped to those percentiles of its values inside the mask, so a few
-    saturated or spiking voxels (BraTS holds 32767s) neither shift the statistics nor end up
-    hundreds of standard deviations out.
+    ``zscore_nonzero`` channels (every channel when ``schemes`` is empty) go to mean 0, std 1
+    inside the case's nonzero mask (over those channels: CT air is not 0) and to 0 outside it.
+    An all-zero case uses the whole volume as its mask; a constant channel (std 0) is divided
+    by 1. With ``clip_percentiles``
+    ``(lo, hi)`` each such channel is first clipped to those percentiles of its values inside
+    the mask, so a few saturated or spiking voxels (BraTS holds 32767s) neither shift the
+    statistics nor end up hundreds of standard deviations out.
+
+    ``ct_clip_zscore`` channels (nnU-Net's CT rule: Hounsfield units mean the same in every
+    scan) are clipped to the scheme's ``clip`` and become ``(x - mean) / std`` with the
+    scheme's dataset-wide statistics, over the whole volume (air stays air, not 0).
 
     Args:
         images: ``(C, X, Y, Z)`` finite values.
-        clip_percentiles: ``(lo, hi)`` in [0, 100], or None for no clipping.
+        clip_percentiles: ``(lo, hi)`` in [0, 100], or None for no clipping (z-score channels).
+        schemes: one :class:`~segmenter.config.ChannelNormalization` per channel, or empty.
 
     Returns:
-        The normalised ``(C, X, Y, Z)`` float32 array and the :class:`ZScoreStats`.
+        The normalised ``(C, X, Y, Z)`` float32 array and the :class:`ZScoreStats` (for CT
+        channels the scheme's mean and std).
+
+    Raises:
+        InputError: ``schemes`` has another length than the number of channels.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be (C, X, Y, Z), got shape {images.shape}")
-    mask = nonzero_mask(images)
+    if schemes and len(schemes) != images.shape[0]:
+        raise InputError(
+            f"data.normalization has {len(schemes)} entries but the case has "
+            f"{images.shape[0]} channel(s); give one per channel (or none for MRI)"
+        )
+    is_ct = [bool(schemes) and schemes[c].scheme == "ct_clip_zscore" for c in range(len(images))]
+    mri = [c for c, ct in enumerate(is_ct) if not ct]
+    mask = nonzero_mask(images[mri]) if mri else np.ones(images.shape[1:], dtype=bool)
     if not mask.any():
         mask = np.ones_like(mask)
     outside = ~mask
     out = np.empty(images.shape, dtype=np.float32)
     means, stds = [], []
     for c in range(images.shape[0]):
+        if is_ct[c]:
+            scheme = schemes[c]
+            assert scheme.clip is not None  # checked by ChannelNormalization
+            np.clip(images[c], scheme.clip[0], scheme.clip[1], out=out[c], casting="unsafe")
+            out[c] -= np.float32(scheme.mean)
+            out[c] /= np.float32(scheme.std)
+            means.append(float(scheme.mean))
+            stds.append(float(scheme.std))
+            continue
         values = images[c][mask].astype(np.float64)
         channel = images[c]
         if clip_percentiles is not None:
@@ -194,6 +227,23 @@ def zscore_nonzero(
         means.append(mean)
         stds.append(std)
     return out, ZScoreStats(tuple(means), tuple(stds), int(mask.sum()))
+
+
+def normalization_from_plan(value: Any) -> tuple[ChannelNormalization, ...]:
+    """The per-channel schemes a run's ``plan.json`` recorded (``normalization``).
+
+    Runs written before CT support recorded the string ``"zscore_nonzero"``: every channel
+    z-scored, which an empty tuple means.
+    """
+    if not isinstance(value, list):
+        return ()
+    keys = {f.name for f in dataclasses.fields(ChannelNormalization)}
+    return tuple(
+        ChannelNormalization(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in item.items() if k in keys
+        })
+        for item in value
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------- resampling hook
@@ -369,6 +419,7 @@ def preprocess_arrays(
     case_id: str,
     target_spacing: Sequence[float] | None = None,
     clip_percentiles: Sequence[float] | None = None,
+    normalization: Sequence[ChannelNormalization] = (),
 ) -> PreprocessedCase:
     """Preprocess one case given as arrays: crop, (resampling hook), z-score.
 
@@ -382,7 +433,8 @@ def preprocess_arrays(
         target_spacing: voxel size in mm to resample to after cropping, or None to keep
             ``spacing`` (see :func:`resample_hook`).
         clip_percentiles: intensity percentiles to clip each channel to before z-scoring
-            (see :func:`zscore_nonzero`), or None.
+            (see :func:`normalise`), or None.
+        normalization: per-channel schemes (see :func:`normalise`); empty: all z-score.
 
     Returns:
         The :class:`PreprocessedCase`.
@@ -416,7 +468,7 @@ def preprocess_arrays(
         stack = crop(stack, box)
         lab = crop(lab, box) if lab is not None else None
     stack, lab, spacing_t = resample_hook(stack, lab, spacing_t, target_spacing)
-    normalised, stats = zscore_nonzero(stack, clip_percentiles)
+    normalised, stats = normalise(stack, clip_percentiles, normalization)
     logger.debug("%s: box %s..%s, stats %s", case_id, box.lo, box.hi, stats)
     return PreprocessedCase(
         case_id=case_id,
@@ -474,6 +526,7 @@ def preprocess_case(
     crop_to_nonzero: bool = True,
     target_spacing: Sequence[float] | None = None,
     clip_percentiles: Sequence[float] | None = None,
+    normalization: Sequence[ChannelNormalization] = (),
 ) -> PreprocessedCase:
     """Read (:func:`read_case`) and preprocess one dataset case.
 
@@ -481,7 +534,8 @@ def preprocess_case(
         case: a :class:`segmenter.data.Case`.
         crop_to_nonzero: crop to the bounding box of the nonzero voxels.
         target_spacing: voxel size in mm to resample to, or None (see :func:`resample_hook`).
-        clip_percentiles: see :func:`zscore_nonzero`.
+        clip_percentiles: see :func:`normalise`.
+        normalization: see :func:`normalise`.
 
     Returns:
         The :class:`PreprocessedCase`; ``affine`` and ``spacing`` come from channel 0.
@@ -499,6 +553,7 @@ def preprocess_case(
         case_id=case.case_id,
         target_spacing=target_spacing,
         clip_percentiles=clip_percentiles,
+        normalization=normalization,
     )
 
 
@@ -508,6 +563,7 @@ def preprocess_dataset(
     crop_to_nonzero: bool = True,
     target_spacing: Sequence[float] | None = None,
     clip_percentiles: Sequence[float] | None = None,
+    normalization: Sequence[ChannelNormalization] = (),
     cache_dir: str | None = None,
     workers: int = 2,
     progress: bool = False,
@@ -518,7 +574,8 @@ def preprocess_dataset(
         cases: the cases to read.
         crop_to_nonzero: crop each case to its nonzero bounding box.
         target_spacing: voxel size in mm to resample to, or None (see :func:`resample_hook`).
-        clip_percentiles: see :func:`zscore_nonzero`.
+        clip_percentiles: see :func:`normalise`.
+        normalization: see :func:`normalise`.
         cache_dir: keep and reuse the results there (:mod:`segmenter.cache`), or None.
         workers: threads reading cases at once.
         progress: show a tqdm progress bar (stderr).
@@ -536,11 +593,11 @@ def preprocess_dataset(
 
             return cached_case(
                 case, cache_dir, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
-                clip_percentiles=clip_percentiles,
+                clip_percentiles=clip_percentiles, normalization=normalization,
             )  # fmt: skip
         return preprocess_case(
             case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
-            clip_percentiles=clip_percentiles,
+            clip_percentiles=clip_percentiles, normalization=normalization,
         )  # fmt: skip
 
     out: list[PreprocessedCase] = []
@@ -568,5 +625,6 @@ __all__ = [
     "read_case",
     "resample_hook",
     "uncrop",
-    "zscore_nonzero",
+    "normalise",
+    "normalization_from_plan",
 ]

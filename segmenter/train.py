@@ -34,7 +34,7 @@ import torch
 from segmenter import metrics, report, tuning
 from segmenter.atomic import atomic_path, write_text
 from segmenter.checkpoint import load_checkpoint, save_checkpoint
-from segmenter.config import Config, config_to_dict, save_config
+from segmenter.config import ChannelNormalization, Config, config_to_dict, save_config
 from segmenter.data import Dataset, load_dataset
 from segmenter.errors import InputError
 from segmenter.inference import (
@@ -113,6 +113,16 @@ def make_splits(
     ]
 
 
+def _normalization_record(dataset: Dataset, cfg: Config) -> list[dict[str, Any]]:
+    """Each channel's normalisation as predict must repeat it (``data.normalization``)."""
+    names = [dataset.channel_names[i] for i in sorted(dataset.channel_names)]
+    schemes = cfg.data.normalization or tuple(ChannelNormalization() for _ in names)
+    return [
+        {**config_to_dict(n), "channel": n.channel or str(name)}
+        for name, n in zip(names, schemes, strict=False)
+    ]
+
+
 def build_plan(dataset: Dataset, cfg: Config, cases: Sequence[PreprocessedCase]) -> dict[str, Any]:
     """What predict must repeat: channels, labels, patch, normalisation, output channels."""
     spacings = np.array([c.spacing for c in cases], dtype=np.float64)
@@ -125,7 +135,7 @@ def build_plan(dataset: Dataset, cfg: Config, cases: Sequence[PreprocessedCase])
         "out_channels": 1 if cfg.loss.activation == "sigmoid" else 2,
         "foreground": "all labels > 0 are one lesion class",
         "patch_size": list(cfg.data.patch_size),
-        "normalization": "zscore_nonzero",
+        "normalization": _normalization_record(dataset, cfg),
         "crop_to_nonzero": cfg.data.crop_to_nonzero,
         "median_spacing": [float(v) for v in np.median(spacings, axis=0)],
         "clip_percentiles": (
@@ -328,7 +338,7 @@ def _prepare(
     cases = preprocess_dataset(
         dataset.training, crop_to_nonzero=cfg.data.crop_to_nonzero,
         target_spacing=cfg.data.target_spacing, clip_percentiles=cfg.data.clip_percentiles,
-        cache_dir=cfg.data.cache_dir or None,
+        normalization=cfg.data.normalization, cache_dir=cfg.data.cache_dir or None,
         workers=2, progress=progress,
     )  # fmt: skip
     ids = [c.case_id for c in cases]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from segmenter.cache import cache_key, cached_case
-from segmenter.config import load_config
+from segmenter.config import ChannelNormalization, load_config
 from segmenter.data import load_dataset
 from segmenter.preprocess import preprocess_case
 from segmenter.synthetic import PhantomSpec, write_dataset
@@ -48,6 +49,15 @@ def test_key_follows_settings_and_files(dataset: Path) -> None:
     assert key == cache_key(case, crop_to_nonzero=True, target_spacing=None)
     assert key != cache_key(case, crop_to_nonzero=False, target_spacing=None)
     assert key != cache_key(case, crop_to_nonzero=True, target_spacing=(1.0, 1.0, 1.0))
+    mri = (ChannelNormalization(), ChannelNormalization())
+    assert key == cache_key(case, crop_to_nonzero=True, target_spacing=None, normalization=mri)
+    ct = ChannelNormalization(scheme="ct_clip_zscore", clip=(-1000.0, 1000.0), std=300.0)
+    ct_key = cache_key(case, crop_to_nonzero=True, target_spacing=None, normalization=(ct, mri[0]))
+    assert ct_key != key
+    other = dataclasses.replace(ct, mean=10.0)
+    assert ct_key != cache_key(
+        case, crop_to_nonzero=True, target_spacing=None, normalization=(other, mri[0])
+    )
     st = os.stat(case.images[0])
     os.utime(case.images[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert key != cache_key(case, crop_to_nonzero=True, target_spacing=None)

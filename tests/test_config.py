@@ -71,6 +71,11 @@ def test_error_names_the_file(tmp_path: Path) -> None:
         ("nope.gamma=1", r"unknown config section 'nope'"),
         ("loss.gamma", r"not of the form key=value"),
         ("evaluation.size_bins_mm3=[10, 5]", r"at least two increasing edges"),
+        ("data.normalization=[{scheme: ct_clip_zscore}]", r"ct_clip_zscore needs clip"),
+        ("data.normalization=[{scheme: ct_clip_zscore, clip: [1, 0]}]", r"lo < hi"),
+        ("data.normalization=[{scheme: ct_clip_zscore, clip: [0, 1], std: 0}]", r"std must be"),
+        ("data.normalization=[{scheme: ct}]", r"'ct' is not one of"),
+        ("data.normalization=[{schem: ct}]", r"unknown config key 'data.normalization\[0\].schem'"),
     ],
 )
 def test_bad_overrides_fail_with_one_clear_line(override: str, message: str) -> None:
@@ -99,7 +104,13 @@ def test_overrides_are_typed_and_applied_in_order() -> None:
 
 
 def test_saved_config_loads_back_equal(tmp_path: Path) -> None:
-    cfg = apply_overrides(load_config(), ["loss.alpha=0.25", "loss.weight=[1, 2]"])
+    ct = "{channel: CT, scheme: ct_clip_zscore, clip: [-1000, 1500], mean: 40, std: 300}"
+    cfg = apply_overrides(
+        load_config(),
+        ["loss.alpha=0.25", "loss.weight=[1, 2]", f"data.normalization=[{ct}, {{}}]"],
+    )
+    assert cfg.data.normalization[0].clip == (-1000.0, 1500.0)
+    assert cfg.data.normalization[1].scheme == "zscore_nonzero"
     save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
     assert "alpha: 0.25" in dump_config(cfg)

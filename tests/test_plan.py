@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from segmenter.cli import main
@@ -102,17 +104,65 @@ def test_train_follows_a_plan_and_set_still_wins(dataset: Path, tmp_path: Path) 
     assert saved.data.batch_size == 1  # --set comes after the plan
 
 
-def test_a_ct_plan_is_refused_with_one_line(tmp_path: Path) -> None:
+def _ct_dataset(root: Path) -> Path:
+    """Phantoms whose channel 0 is called CT and holds Hounsfield-like values (air -1000)."""
+    spec = PhantomSpec(size=32, lesion_free_fraction=0.0)
+    ds = write_dataset(root, 3, seed=5, spec=spec, n_test=1)
+    meta = json.loads((ds / "dataset.json").read_text())
+    meta["channel_names"]["0"] = "CT"
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    for path in [*ds.glob("imagesTr/*_0000.nii.gz"), *ds.glob("imagesTs/*_0000.nii.gz")]:
+        img = nib.load(path)
+        hu = np.asarray(img.dataobj, dtype=np.float32) * 1000.0 - 1000.0
+        nib.save(nib.Nifti1Image(hu, img.affine), path)
+    return ds
+
+
+def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
+    tmp_path: Path,
+) -> None:
+    from segmenter.preprocess import normalization_from_plan, preprocess_case
+
+    ds = _ct_dataset(tmp_path / "ct")
+    out = tmp_path / "p"
+    assert main(["plan", str(ds), "--out", str(out), "--set", "plan.cpu_patch_voxels=16384"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    ct, mri = plan["normalization"]
+    assert ct["scheme"] == "ct_clip_zscore" and ct["clip"][0] < ct["clip"][1] and ct["std"] > 0
+    assert mri["scheme"] == "zscore_nonzero"
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data: {{dataset: {ds}, num_workers: 0, cache_dir: {tmp_path / 'cache'}}}\n"
+        "model: {base_filters: 4}\n"
+        "train: {epochs: 1, iterations_per_epoch: 1, n_folds: 3, precision: fp32}\n"
+        "inference: {sw_batch_size: 1, tta: false}\n"
+    )
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--plan", str(out / "plan.json"), "--out", str(run)]
+    assert main(argv) == 0
+    recorded = json.loads((run / "plan.json").read_text())["normalization"]
+    assert recorded[0] == {**ct, "channel": "CT"}
+    schemes = normalization_from_plan(recorded)
+    assert load_config(run / "config.yaml").data.normalization == schemes
+
+    # Channel 0 is the same affine map of HU in every case, air included (not zeroed).
+    case = load_dataset(ds).training[0]
+    pre = preprocess_case(case, normalization=schemes, crop_to_nonzero=False)
+    raw = np.asarray(nib.load(case.images[0]).dataobj, dtype=np.float32)
+    lo, hi = ct["clip"]
+    expected = (np.clip(raw, lo, hi) - ct["mean"]) / ct["std"]
+    np.testing.assert_allclose(pre.image[0], expected, rtol=1e-5, atol=1e-5)
+    argv = ["predict", "--model", str(run), "--input", str(ds / "imagesTs"),
+            "--output", str(tmp_path / "pred"), "--no-tta"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(list((tmp_path / "pred").glob("*.nii.gz"))) == len(list(ds.glob("imagesTs/*_0000*")))
+
+
+def test_a_bad_plan_file_is_refused_with_one_line(tmp_path: Path) -> None:
     from segmenter.errors import InputError
-    from segmenter.plan import plan_values, read_plan
+    from segmenter.plan import read_plan
 
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps({
-        "patch_size": [64, 64, 64], "batch_size": 2, "depth": 4, "target_spacing": [1, 1, 1],
-        "normalization": [{"channel": "CT", "scheme": "ct_clip_zscore"}],
-    }))  # fmt: skip
-    with pytest.raises(InputError, match="normalises channel 'CT' as CT"):
-        plan_values(read_plan(path))
     path.write_text("{}")
     with pytest.raises(InputError, match="not a plan.json"):
         read_plan(path)
