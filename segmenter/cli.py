@@ -56,9 +56,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from segmenter import data
+    from segmenter import verify
 
-    problems = data.verify_dataset(args.dataset, progress=True)
+    problems = verify.verify_dataset(args.dataset, progress=True)
     for problem in problems:
         print(problem)
     if problems:

@@ -9,16 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segmenter.data import (
-    ORIGIN_ATOL_MM,
-    SPACING_RTOL,
-    Problem,
-    find_cases,
-    load_dataset,
-    verify_dataset,
-)
+from segmenter.data import Problem, find_cases, load_dataset
 from segmenter.errors import InputError
 from segmenter.io import read_image, write_image
+from segmenter.verify import ORIGIN_ATOL_MM, SPACING_RTOL, verify_dataset
 
 SHAPE = (8, 9, 10)
 CHANNELS = {"0": "FLAIR", "1": "T1"}
