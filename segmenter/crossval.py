@@ -4,13 +4,16 @@ For each fold K of the config's split (``train.n_folds``, or the folds asked for
 trained into ``OUT/fold_K`` (a finished fold is kept; an interrupted one resumes from its
 ``last.pt``). Each fold's model then predicts its own validation cases, with the run's
 inference settings (mirroring TTA by default), in the scans' native geometry: the out-of-fold
-(OOF) probabilities, written to ``OUT/oof/probabilities``. On them a grid search
-(:mod:`segmenter.tuning`) picks the threshold and minimum lesion size (mm3); the OOF masks
-before tuning (the config's ``inference.threshold`` and ``inference.min_lesion_mm3``) and after
-are evaluated as ``segmenter evaluate`` does: ``OUT/oof/before/summary.json`` and
-``OUT/summary.json``. ``postprocessing.json`` (the choice, both scores and the grid) goes into
-``OUT`` and into every fold's run, where ``predict`` picks it up;
-``segmenter predict --model OUT`` averages the folds' probabilities.
+(OOF) probabilities, written to ``OUT/oof/probabilities`` (a rerun reads those of folds not
+retrained since, with their timings from ``OUT/oof/seconds.json``, instead of predicting them
+again). On them a grid search (:mod:`segmenter.tuning`) picks the threshold and minimum lesion
+size (mm3; the sizes tried reach a tenth of the median reference lesion volume,
+:func:`segmenter.tuning.min_size_grid`); the OOF masks before tuning (the config's
+``inference.threshold`` and ``inference.min_lesion_mm3``) and after are evaluated as
+``segmenter evaluate`` does: ``OUT/oof/before/summary.json`` and ``OUT/summary.json``.
+``postprocessing.json`` (the choice, both scores and the grid) goes into ``OUT`` and into every
+fold's run, where ``predict`` picks it up; ``segmenter predict --model OUT`` averages the folds'
+probabilities.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from segmenter.report import summary_json
 log = logging.getLogger(__name__)
 
 DONE_FILE = "crossval_done.json"
+#: Seconds each out-of-fold prediction took, by file name (``OUT/oof/seconds.json``).
+TIMINGS_FILE = "seconds.json"
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def run_crossval(
     folds: Sequence[int] | None = None,
     progress: bool = True,
     thresholds: Sequence[float] = tuning.THRESHOLDS,
-    min_sizes_mm3: Sequence[float] = tuning.MIN_SIZES_MM3,
+    min_sizes_mm3: Sequence[float] | None = None,
 ) -> CrossvalResult:
     """Train the folds, predict out of fold, tune post-processing, evaluate (module docstring).
 
@@ -95,7 +100,8 @@ def run_crossval(
         folds: fold numbers to run (default: all ``train.n_folds``).
         progress: progress bars.
         thresholds: thresholds tried by the tuning.
-        min_sizes_mm3: minimum lesion sizes tried by the tuning.
+        min_sizes_mm3: minimum lesion sizes tried by the tuning; None:
+            :func:`segmenter.tuning.min_size_grid` of the out-of-fold references.
 
     Raises:
         InputError: a fold number outside the split, or bad data (as ``train``).
@@ -118,20 +124,31 @@ def run_crossval(
     oof = folder / "oof"
     ending = dataset.file_ending
     probs, refs, spacings, names = [], [], [], []
+    timings_file = oof / TIMINGS_FILE
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     seconds: list[float] = []
     options = PredictOptions()
     for k in chosen:
         run = folder / f"fold_{k}"
-        predictor = load_predictor(run)
+        predictor = None
         split = json.loads((run / "splits.json").read_text())[k]
+        trained_at = (run / DONE_FILE).stat().st_mtime
         for case_id in split["val"]:
             case = by_id[case_id]
             assert case.label is not None
-            t0 = time.perf_counter()
-            prob, reference = predict_probability(predictor, case, options)
-            seconds.append(time.perf_counter() - t0)
             name = f"{case_id}{ending}"
-            write_like(oof / "probabilities" / name, prob, reference)
+            saved = oof / "probabilities" / name
+            if name in timings and saved.is_file() and saved.stat().st_mtime >= trained_at:
+                reference = read_image(saved, dtype=np.float32)  # predicted by this fold's model
+                prob = reference.array
+            else:
+                predictor = predictor or load_predictor(run)
+                t0 = time.perf_counter()
+                prob, reference = predict_probability(predictor, case, options)
+                write_like(saved, prob, reference)
+                timings[name] = time.perf_counter() - t0
+                write_text(timings_file, json.dumps(timings, indent=1, sort_keys=True))
+            seconds.append(float(timings[name]))
             copy_file(case.label, oof / "reference" / name)
             label = read_image(case.label).array
             probs.append(prob)
@@ -141,8 +158,9 @@ def run_crossval(
         log.info("fold %d: %d out-of-fold cases predicted", k, len(split["val"]))
 
     rule = metrics.PRESETS[cfg.evaluation.preset]
+    sizes = tuning.min_size_grid(refs, spacings) if min_sizes_mm3 is None else min_sizes_mm3
     best, rows = tuning.grid_search(
-        probs, refs, spacings, rule, thresholds=thresholds, min_sizes_mm3=min_sizes_mm3
+        probs, refs, spacings, rule, thresholds=thresholds, min_sizes_mm3=sizes
     )
     base_thr, base_size = cfg.inference.threshold, cfg.inference.min_lesion_mm3
     before = _masks(probs, spacings, base_thr, base_size)

@@ -4,7 +4,10 @@ One grid search serves the per-fold threshold tuning at the end of training and 
 out-of-fold tuning of ``segmenter crossval``. For every (threshold, minimum lesion size in mm3)
 pair of the grid, each case's probabilities are thresholded, lesions below the size removed,
 and the masks scored against the references: pooled lesion recall, precision and F1 (counts
-summed over cases) and the mean voxel Dice over cases with a lesion in either mask.
+summed over cases) and the mean voxel Dice over cases with a lesion in either mask. Each case
+is first cropped to the box holding its reference and every voxel the lowest threshold marks
+(same scores, a fraction of the voxels: a brain tumour case is 9 million voxels). The sizes
+tried grow with the data's lesions (:func:`min_size_grid`).
 
 The criterion is the mean of pooled lesion F1 and mean Dice, not lesion F1 alone: under
 any-overlap matching (ISLES'22, the default) a low threshold that merges every lesion into one
@@ -22,13 +25,16 @@ from typing import Any
 import numpy as np
 
 from segmenter import metrics
+from segmenter.fingerprint import lesion_volumes_mm3
 from segmenter.lesions import LesionRule
 from segmenter.postprocess import probabilities_to_mask
 
 #: Thresholds tried by default.
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(2, 19))  # 0.10 .. 0.90
-#: Minimum lesion sizes (mm3) tried by default by the out-of-fold tuning.
+#: Minimum lesion sizes (mm3) the out-of-fold tuning always tries (:func:`min_size_grid`).
 MIN_SIZES_MM3 = (0.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+#: :func:`min_size_grid` goes on up to this fraction of the median reference lesion volume.
+MIN_SIZE_FRACTION = 0.1
 CRITERION = "mean of pooled lesion F1 and mean voxel Dice"
 
 
@@ -61,6 +67,55 @@ def score(
     }
 
 
+def min_size_grid(
+    references: Sequence[np.ndarray], spacings: Sequence[Sequence[float]]
+) -> tuple[float, ...]:
+    """Minimum lesion sizes to try: :data:`MIN_SIZES_MM3`, then 100, 200, 500, 1000, ... mm3
+    up to :data:`MIN_SIZE_FRACTION` of the median volume of the references' lesions.
+
+    Small-lesion data (MS: median lesion tens of mm3) keep the fixed grid; large-lesion data
+    (a whole brain tumour: tens of ml, where false positives are blobs of hundreds of mm3)
+    get sizes that can remove those blobs without touching a real lesion.
+    """
+    volumes = [
+        v for r, s in zip(references, spacings, strict=True) for v in lesion_volumes_mm3(r, s)
+    ]
+    grid = list(MIN_SIZES_MM3)
+    if not volumes:
+        return tuple(grid)
+    top = MIN_SIZE_FRACTION * float(np.median(volumes))
+    decade = 100.0
+    while True:
+        for step in (1.0, 2.0, 5.0):
+            if decade * step > top:
+                return tuple(grid)
+            grid.append(decade * step)
+        decade *= 10.0
+
+
+def _candidate_box(
+    probabilities: np.ndarray, reference: np.ndarray, lowest: float, margin: int
+) -> tuple[slice, ...]:
+    """Box around every voxel a grid point can mark (``>= lowest``) and the reference, + margin.
+
+    Outside it every mask of the grid and the reference are 0, so scores are the same on the
+    crop (the margin keeps BraTS's reference dilation unclipped, as :mod:`segmenter.metrics`).
+    """
+    inside = (probabilities >= lowest) | (reference > 0)
+    box = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(inside.any(axis=others))
+        if hits.size == 0:
+            return (slice(0, 1),) * 3
+        box.append(
+            slice(
+                max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, inside.shape[axis])
+            )
+        )
+    return tuple(box)
+
+
 def grid_search(
     probabilities: Sequence[np.ndarray],
     references: Sequence[np.ndarray],
@@ -89,6 +144,13 @@ def grid_search(
     """
     if not probabilities or not thresholds or not min_sizes_mm3:
         raise ValueError("grid_search needs cases, thresholds and minimum sizes")
+    margin = rule.dilation_iters + 1
+    boxes = [
+        _candidate_box(p, r, min(thresholds), margin)
+        for p, r in zip(probabilities, references, strict=True)
+    ]
+    probabilities = [np.ascontiguousarray(p[b]) for p, b in zip(probabilities, boxes, strict=True)]
+    references = [np.ascontiguousarray(r[b]) for r, b in zip(references, boxes, strict=True)]
     rows: list[dict[str, float]] = []
     for thr in thresholds:
         for size in min_sizes_mm3:

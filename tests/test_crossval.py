@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from segmenter.data import load_dataset
 from segmenter.inference import load_predictor, load_predictors, model_runs
 from segmenter.predict import PredictOptions, predict_probability
 from segmenter.synthetic import PhantomSpec, write_dataset
+from segmenter.tuning import MIN_SIZES_MM3
 
 TINY = """\
 data: {{dataset: {dataset}, patch_size: [32, 32, 32], num_workers: 0}}
@@ -48,7 +50,13 @@ def test_crossval_writes_folds_oof_summary_and_postprocessing(
     assert post["before"]["threshold"] == 0.5 and post["before"]["min_lesion_mm3"] == 0.0
     # (0.5, 0 mm3) is on the grid, so the tuned choice scores at least as well on the OOF cases
     assert post["after"]["criterion"] >= post["before"]["criterion"]
-    assert len(post["grid"]) == 17 * 6
+    sizes = sorted({row["min_lesion_mm3"] for row in post["grid"]})
+    assert sizes[: len(MIN_SIZES_MM3)] == list(MIN_SIZES_MM3)
+    assert len(post["grid"]) == 17 * len(sizes)
+    timings = json.loads((out / "oof" / "seconds.json").read_text())
+    assert sorted(timings) == oof and post["seconds_per_case"] == pytest.approx(
+        np.mean(list(timings.values()))
+    )
     for k in range(3):
         assert json.loads((out / f"fold_{k}" / "postprocessing.json").read_text()) == post
         plan = load_predictor(out / f"fold_{k}").plan
@@ -62,10 +70,23 @@ def test_rerun_keeps_finished_folds(
 ) -> None:
     _, out = crossval_run
     stamp = (out / "fold_1" / "checkpoints" / "best.pt").stat().st_mtime_ns
+    probs = sorted((out / "oof" / "probabilities").iterdir())
+    predicted = {p.name: p.stat().st_mtime_ns for p in probs}
     config = out / "config.yaml"
     assert main(["crossval", "--config", str(config), "--out", str(out), "--folds", "1"]) == 0
     assert "trained now: none" in capsys.readouterr().out
     assert (out / "fold_1" / "checkpoints" / "best.pt").stat().st_mtime_ns == stamp
+    # The kept fold's out-of-fold probabilities are read back, not predicted again ...
+    assert {p.name: p.stat().st_mtime_ns for p in probs} == predicted
+    # ... unless the fold was trained after them.
+    done = out / "fold_1" / "crossval_done.json"
+    later = max(predicted.values()) + 1_000_000_000
+    os.utime(done, ns=(later, later))
+    assert main(["crossval", "--config", str(config), "--out", str(out), "--folds", "1"]) == 0
+    again = {p.name: p.stat().st_mtime_ns for p in probs}
+    renewed = [name for name in predicted if again[name] != predicted[name]]
+    val = json.loads((out / "fold_1" / "splits.json").read_text())[1]["val"]
+    assert sorted(renewed) == sorted(f"{c}.nii.gz" for c in val)
     assert main(["crossval", "--config", str(config), "--out", str(out), "--folds", "3"]) == 2
 
 

@@ -328,3 +328,17 @@ def test_ct_channels_use_the_dataset_statistics_over_the_whole_volume() -> None:
     np.testing.assert_array_equal(out[1], mri[0])  # the MRI channel is z-scored as before
     with pytest.raises(InputError, match="2 channel"):
         normalise(images, None, (ct,))
+
+
+def test_the_normalisation_a_run_recorded_is_read_back() -> None:
+    from segmenter.config import ChannelNormalization
+    from segmenter.preprocess import normalization_from_plan
+
+    assert normalization_from_plan("zscore_nonzero") == ()  # runs from before CT support
+    recorded = [
+        {"channel": "CT", "scheme": "ct_clip_zscore", "clip": [-100, 200], "mean": 5, "std": 9},
+        {"channel": "FLAIR", "scheme": "zscore_nonzero", "clip": None, "mean": 0.0, "std": 1.0},
+    ]
+    ct, mri = normalization_from_plan(recorded)
+    assert ct == ChannelNormalization("ct_clip_zscore", "CT", (-100, 200), 5, 9)
+    assert mri.scheme == "zscore_nonzero" and mri.channel == "FLAIR"

@@ -1,0 +1,57 @@
+"""Tests for segmenter.tuning: the size grid and the grid search on cropped cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segmenter import metrics, tuning
+from segmenter.postprocess import probabilities_to_mask
+
+
+def _ball(shape: tuple[int, int, int], centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    grid = np.indices(shape).astype(np.float64)
+    d2 = sum((grid[a] - centre[a]) ** 2 for a in range(3))
+    return d2 <= radius**2
+
+
+def test_small_lesions_keep_the_fixed_size_grid() -> None:
+    ref = (_ball((20, 20, 20), (5, 5, 5), 1.5) | _ball((20, 20, 20), (14, 14, 14), 2)).astype(
+        np.uint8
+    )
+    assert tuning.min_size_grid([ref], [(1.0, 1.0, 1.0)]) == tuning.MIN_SIZES_MM3
+    assert tuning.min_size_grid([np.zeros_like(ref)], [(1.0, 1.0, 1.0)]) == tuning.MIN_SIZES_MM3
+
+
+def test_large_lesions_extend_the_size_grid_to_a_tenth_of_their_median_volume() -> None:
+    ref = _ball((40, 40, 40), (20, 20, 20), 12).astype(np.uint8)  # about 7240 voxels
+    grid = tuning.min_size_grid([ref], [(1.0, 1.0, 2.0)])  # about 14500 mm3
+    assert grid == (*tuning.MIN_SIZES_MM3, 100.0, 200.0, 500.0, 1000.0)
+
+
+def test_grid_search_scores_as_on_the_whole_volume() -> None:
+    rng = np.random.default_rng(4)
+    shape = (48, 40, 36)
+    ref = (_ball(shape, (12, 12, 12), 4) | _ball(shape, (40, 32, 28), 3)).astype(np.uint8)
+    prob = np.zeros(shape, dtype=np.float32)
+    prob[_ball(shape, (13, 12, 12), 4)] = 0.8  # the second lesion is missed, far from the crop
+    speckled = prob[::-1].copy()
+    speckled[_ball(shape, (35, 30, 25), 2)] = 0.6  # a false positive
+    speckled[rng.random(shape) < 0.001] = 0.3
+    refs, probs, spacings = [ref, np.zeros_like(ref)], [prob, speckled], [(1.0,) * 3] * 2
+    rule = metrics.PRESETS["brats23"]  # dilated matching: the crop keeps a margin for it
+    best, rows = tuning.grid_search(
+        probs, refs, spacings, rule, thresholds=(0.2, 0.5, 0.7), min_sizes_mm3=(0.0, 50.0)
+    )
+    assert len(rows) == 6
+    for row in rows:
+        masks = [
+            probabilities_to_mask(
+                p, s, threshold=row["threshold"], min_lesion_mm3=row["min_lesion_mm3"]
+            )
+            for p, s in zip(probs, spacings, strict=True)
+        ]
+        whole = tuning.score(masks, refs, spacings, rule)
+        for key, value in whole.items():
+            assert row[key] == pytest.approx(value, nan_ok=True), key
+    assert best["criterion"] == max(r["criterion"] for r in rows)
