@@ -7,10 +7,10 @@ inference settings (mirroring TTA by default), in the scans' native geometry: th
 (OOF) probabilities, written to ``OUT/oof/probabilities`` (a rerun reads those of folds not
 retrained since, with their timings from ``OUT/oof/seconds.json``, instead of predicting them
 again). On them a grid search (:mod:`segmenter.tuning`) picks the threshold and minimum lesion
-size (mm3; the sizes tried reach a tenth of the median reference lesion volume,
-:func:`segmenter.tuning.min_size_grid`); the OOF masks before tuning (the config's
-``inference.threshold`` and ``inference.min_lesion_mm3``) and after are evaluated as
-``segmenter evaluate`` does: ``OUT/oof/before/summary.json`` and ``OUT/summary.json``.
+size (mm3; the sizes tried reach a tenth of the median volume of the reference lesions the
+evaluation rule counts, :func:`segmenter.tuning.min_size_grid`); the OOF masks before tuning
+(the config's ``inference.threshold`` and ``inference.min_lesion_mm3``) and after are
+evaluated as ``segmenter evaluate`` does: ``OUT/oof/before/summary.json`` and ``OUT/summary.json``.
 ``postprocessing.json`` (the choice, both scores and the grid) goes into ``OUT`` and into every
 fold's run, where ``predict`` picks it up; ``segmenter predict --model OUT`` averages the folds'
 probabilities.
@@ -158,7 +158,7 @@ def run_crossval(
         log.info("fold %d: %d out-of-fold cases predicted", k, len(split["val"]))
 
     rule = metrics.PRESETS[cfg.evaluation.preset]
-    sizes = tuning.min_size_grid(refs, spacings) if min_sizes_mm3 is None else min_sizes_mm3
+    sizes = min_sizes_mm3 or tuning.min_size_grid(refs, spacings, rule)
     best, rows = tuning.grid_search(
         probs, refs, spacings, rule, thresholds=thresholds, min_sizes_mm3=sizes
     )

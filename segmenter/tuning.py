@@ -68,17 +68,22 @@ def score(
 
 
 def min_size_grid(
-    references: Sequence[np.ndarray], spacings: Sequence[Sequence[float]]
+    references: Sequence[np.ndarray], spacings: Sequence[Sequence[float]], rule: LesionRule
 ) -> tuple[float, ...]:
     """Minimum lesion sizes to try: :data:`MIN_SIZES_MM3`, then 100, 200, 500, 1000, ... mm3
-    up to :data:`MIN_SIZE_FRACTION` of the median volume of the references' lesions.
+    up to :data:`MIN_SIZE_FRACTION` of the median volume of the references' lesions that count
+    under ``rule`` (larger than its ``min_ref_mm3``; BraTS 2023 ignores those of 50 mm3 or
+    less, and whole-tumour labels carry many such specks beside each tumour).
 
     Small-lesion data (MS: median lesion tens of mm3) keep the fixed grid; large-lesion data
     (a whole brain tumour: tens of ml, where false positives are blobs of hundreds of mm3)
     get sizes that can remove those blobs without touching a real lesion.
     """
     volumes = [
-        v for r, s in zip(references, spacings, strict=True) for v in lesion_volumes_mm3(r, s)
+        v
+        for r, s in zip(references, spacings, strict=True)
+        for v in lesion_volumes_mm3(r, s)
+        if v > rule.min_ref_mm3
     ]
     grid = list(MIN_SIZES_MM3)
     if not volumes:

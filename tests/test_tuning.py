@@ -19,14 +19,21 @@ def test_small_lesions_keep_the_fixed_size_grid() -> None:
     ref = (_ball((20, 20, 20), (5, 5, 5), 1.5) | _ball((20, 20, 20), (14, 14, 14), 2)).astype(
         np.uint8
     )
-    assert tuning.min_size_grid([ref], [(1.0, 1.0, 1.0)]) == tuning.MIN_SIZES_MM3
-    assert tuning.min_size_grid([np.zeros_like(ref)], [(1.0, 1.0, 1.0)]) == tuning.MIN_SIZES_MM3
+    rule = metrics.PRESETS["isles22"]
+    assert tuning.min_size_grid([ref], [(1.0, 1.0, 1.0)], rule) == tuning.MIN_SIZES_MM3
+    empty = np.zeros_like(ref)
+    assert tuning.min_size_grid([empty], [(1.0, 1.0, 1.0)], rule) == tuning.MIN_SIZES_MM3
 
 
 def test_large_lesions_extend_the_size_grid_to_a_tenth_of_their_median_volume() -> None:
     ref = _ball((40, 40, 40), (20, 20, 20), 12).astype(np.uint8)  # about 7240 voxels
-    grid = tuning.min_size_grid([ref], [(1.0, 1.0, 2.0)])  # about 14500 mm3
+    for corner in range(0, 8, 2):
+        ref[corner, 0, 0] = 1  # specks of 2 mm3, as whole-tumour labels have beside the tumour
+    rule = metrics.PRESETS["brats23"]  # counts lesions over 50 mm3 only
+    grid = tuning.min_size_grid([ref], [(1.0, 1.0, 2.0)], rule)  # about 14500 mm3
     assert grid == (*tuning.MIN_SIZES_MM3, 100.0, 200.0, 500.0, 1000.0)
+    specks_count = metrics.PRESETS["isles22"]  # every component counts: the median is a speck
+    assert tuning.min_size_grid([ref], [(1.0, 1.0, 2.0)], specks_count) == tuning.MIN_SIZES_MM3
 
 
 def test_grid_search_scores_as_on_the_whole_volume() -> None:
