@@ -22,7 +22,6 @@ Arrays are numpy, ``(C, X, Y, Z)`` for images and ``(X, Y, Z)`` for labels, in t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +34,7 @@ from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from segmenter import io, resample
-from segmenter.config import ChannelNormalization
+from segmenter.config import ChannelNormalization, config_from_dict
 from segmenter.errors import InputError
 
 if TYPE_CHECKING:
@@ -233,17 +232,15 @@ def normalization_from_plan(value: Any) -> tuple[ChannelNormalization, ...]:
     """The per-channel schemes a run's ``plan.json`` recorded (``normalization``).
 
     Runs written before CT support recorded the string ``"zscore_nonzero"``: every channel
-    z-scored, which an empty tuple means.
+    z-scored, which an empty tuple means. Entries are built and checked as the config's
+    ``data.normalization`` is (:func:`segmenter.config.config_from_dict`).
+
+    Raises:
+        ConfigError: an entry that is not a valid :class:`ChannelNormalization`.
     """
     if not isinstance(value, list):
         return ()
-    keys = {f.name for f in dataclasses.fields(ChannelNormalization)}
-    return tuple(
-        ChannelNormalization(**{
-            k: tuple(v) if isinstance(v, list) else v for k, v in item.items() if k in keys
-        })
-        for item in value
-    )  # fmt: skip
+    return config_from_dict({"data": {"normalization": value}}).data.normalization
 
 
 # ------------------------------------------------------------------------- resampling hook
