@@ -158,7 +158,7 @@ def run_crossval(
         log.info("fold %d: %d out-of-fold cases predicted", k, len(split["val"]))
 
     rule = metrics.PRESETS[cfg.evaluation.preset]
-    sizes = min_sizes_mm3 or tuning.min_size_grid(refs, spacings, rule)
+    sizes = tuning.min_size_grid(refs, spacings, rule) if min_sizes_mm3 is None else min_sizes_mm3
     best, rows = tuning.grid_search(
         probs, refs, spacings, rule, thresholds=thresholds, min_sizes_mm3=sizes
     )
