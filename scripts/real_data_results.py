@@ -31,6 +31,7 @@ from typing import Any
 from segmenter.config import load_config
 from segmenter.crossval import run_crossval
 from segmenter.evaluate import evaluate_folders
+from segmenter.report import nan_mean
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,8 +64,7 @@ def _fmt(value: Any) -> str:
 
 def _case_dice(case: dict[str, Any]) -> float:
     """A case's voxel Dice, the mean over its foreground labels (NaN ones left out)."""
-    values = [d for m in case["metrics"].values() if (d := m.get("Dice")) is not None and d == d]
-    return sum(values) / len(values) if values else float("nan")
+    return nan_mean(m.get("Dice") for m in case["metrics"].values())[0]
 
 
 def _cells(case: dict[str, Any] | None, width: int) -> tuple[str, float]:
