@@ -49,6 +49,7 @@ from segmenter.config import Config, load_config
 from segmenter.inference import autocast_dtype, predict_logits
 from segmenter.losses import build_loss
 from segmenter.model import build_model, count_parameters
+from segmenter.schedule import build_optimizer
 from segmenter.synthetic import PhantomSpec, write_dataset
 
 CPU = torch.device("cpu")
@@ -96,12 +97,14 @@ def training_steps(
     dtype = autocast_dtype(cfg.train.precision, CPU)
     torch.manual_seed(0)
     ours = build_model(cfg.model, x.shape[1], 1).place(CPU).train()
-    ours_loss = build_loss(cfg.loss)
-    ours_opt = train._optimizer(cfg, ours)  # AdamW as the training loop builds it
+    step = train.TrainStep(  # the training loop's own step (AdamW, autocast, grad clipping)
+        cfg=cfg, model=ours, loss_fn=build_loss(cfg.loss),
+        optimizer=build_optimizer(cfg.train, ours), device=CPU, dtype=dtype,
+    )  # fmt: skip
     batch = {"image": x, "label": y}
 
-    def ours_step() -> None:  # the training loop's own step (autocast, grad clipping)
-        train._train_step(ours, ours_loss, ours_opt, None, batch, cfg, CPU, dtype)
+    def ours_step() -> None:
+        step(batch)
 
     ref = monai_unet().train()
     ref_loss = DiceFocalLoss(sigmoid=True)

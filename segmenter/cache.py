@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from segmenter.atomic import atomic_path, write_text
-from segmenter.config import ChannelNormalization
+from segmenter.prep_spec import PreprocessingSpec
 from segmenter.preprocess import CropBox, PreprocessedCase, preprocess_case
 
 if TYPE_CHECKING:
@@ -34,34 +33,11 @@ if TYPE_CHECKING:
 CACHE_VERSION = 1
 
 
-def cache_key(
-    case: Case,
-    *,
-    crop_to_nonzero: bool,
-    target_spacing: Sequence[float] | None,
-    clip_percentiles: Sequence[float] | None = None,
-    normalization: Sequence[ChannelNormalization] = (),
-) -> str:
-    """16 hex digits identifying the case's files and the preprocessing settings.
-
-    Per-channel ``normalization`` joins the key only when a channel is not plain z-scoring,
-    so the keys of MRI caches written before it existed stay valid.
-    """
+def cache_key(case: Case, spec: PreprocessingSpec) -> str:
+    """16 hex digits identifying the case's files and the preprocessing settings
+    (:meth:`PreprocessingSpec.cache_settings`)."""
     h = hashlib.sha256()
-    settings: dict[str, Any] = {
-        "version": CACHE_VERSION,
-        "crop_to_nonzero": bool(crop_to_nonzero),
-        "target_spacing": None if target_spacing is None else [float(v) for v in target_spacing],
-        "clip_percentiles": (
-            None if clip_percentiles is None else [float(v) for v in clip_percentiles]
-        ),
-    }
-    if any(n.scheme != "zscore_nonzero" for n in normalization):
-        settings["normalization"] = [
-            {"scheme": n.scheme, "clip": None if n.clip is None else [float(v) for v in n.clip],
-             "mean": float(n.mean), "std": float(n.std)}
-            for n in normalization
-        ]  # fmt: skip
+    settings = {"version": CACHE_VERSION, **spec.cache_settings()}
     h.update(json.dumps(settings, sort_keys=True).encode())
     for path in [*case.images, *([case.label] if case.label is not None else [])]:
         st = os.stat(path)
@@ -103,30 +79,18 @@ def _load(folder: Path) -> PreprocessedCase:
 
 
 def cached_case(
-    case: Case,
-    cache_dir: str | Path,
-    *,
-    crop_to_nonzero: bool = True,
-    target_spacing: Sequence[float] | None = None,
-    clip_percentiles: Sequence[float] | None = None,
-    normalization: Sequence[ChannelNormalization] = (),
+    case: Case, cache_dir: str | Path, spec: PreprocessingSpec | None = None
 ) -> PreprocessedCase:
     """The preprocessed case from the cache, preprocessing and storing it first if needed.
 
     Raises:
         InputError: as :func:`segmenter.preprocess.preprocess_case`.
     """
-    key = cache_key(
-        case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
-        clip_percentiles=clip_percentiles, normalization=normalization,
-    )  # fmt: skip
-    folder = Path(cache_dir) / f"{case.case_id}-{key}"
+    spec = spec or PreprocessingSpec()
+    folder = Path(cache_dir) / f"{case.case_id}-{cache_key(case, spec)}"
     if (folder / "meta.json").is_file():
         return _load(folder)
-    pre = preprocess_case(
-        case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
-        clip_percentiles=clip_percentiles, normalization=normalization,
-    )  # fmt: skip
+    pre = preprocess_case(case, spec)
     _save_array(folder / "image.npy", pre.image)
     if pre.label is not None:
         _save_array(folder / "label.npy", pre.label)

@@ -81,23 +81,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.dataset)
     out = Path(args.out) if args.out else Path("plans") / dataset.name
     fp = fp_mod.dataset_fingerprint(dataset, workers=2, progress=_progress("fingerprint"))
-    plan = plan_mod.make_plan(fp, cfg)
+    dataset_plan = plan_mod.make_dataset_plan(fp, cfg)
     fp_mod.write_fingerprint(fp, out / "fingerprint.json")
-    write_text(out / "plan.json", json.dumps(plan, indent=2) + "\n")
-    lesions = fp["summary"]["lesions"]
-    print(f"{dataset.name}: {plan['n_cases']} cases, {lesions['total']} lesions")
-    print(f"target spacing {plan['target_spacing']} mm (anisotropic: {plan['anisotropic']})")
-    print(f"median shape at that spacing {[round(v) for v in plan['median_resampled_shape']]}")
-    print(
-        f"patch {plan['patch_size']}, depth {plan['depth']}, batch {plan['batch_size']} "
-        f"({plan['budget']} budget of {plan['budget_patch_voxels']} voxels per patch)"
-    )
-    print(
-        "normalisation: "
-        + ", ".join(f"{n['channel']} {n['scheme']}" for n in plan["normalization"])
-    )
+    write_text(out / "plan.json", json.dumps(dataset_plan, indent=2) + "\n")
+    print(_describe_dataset_plan(dataset.name, dataset_plan, fp["summary"]["lesions"]["total"]))
     print(f"wrote {out / 'fingerprint.json'} and {out / 'plan.json'}")
     return 0
+
+
+def _describe_dataset_plan(name: str, plan: dict[str, Any], n_lesions: int) -> str:
+    """What ``segmenter plan`` prints about the plan it wrote."""
+    shape = [round(v) for v in plan["median_resampled_shape"]]
+    schemes = ", ".join(f"{n['channel']} {n['scheme']}" for n in plan["normalization"])
+    return "\n".join([
+        f"{name}: {plan['n_cases']} cases, {n_lesions} lesions",
+        f"target spacing {plan['target_spacing']} mm (anisotropic: {plan['anisotropic']})",
+        f"median shape at that spacing {shape}",
+        f"patch {plan['patch_size']}, depth {plan['depth']}, batch {plan['batch_size']} "
+        f"({plan['budget']} budget of {plan['budget_patch_voxels']} voxels per patch)",
+        f"normalisation: {schemes}",
+    ])  # fmt: skip
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -159,7 +162,9 @@ def _experiment_config(args: argparse.Namespace) -> Any:
     if getattr(args, "plan", None):
         from segmenter import plan as plan_mod
 
-        cfg = config_mod.apply_values(cfg, plan_mod.plan_values(plan_mod.read_plan(args.plan)))
+        cfg = config_mod.apply_values(
+            cfg, plan_mod.dataset_plan_values(plan_mod.read_dataset_plan(args.plan))
+        )
     return config_mod.apply_overrides(cfg, args.set)
 
 
@@ -197,6 +202,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_crossval(args: argparse.Namespace) -> int:
     from segmenter import crossval
+    from segmenter.report import format_metric
 
     cfg = _experiment_config(args)
     result = crossval.run_crossval(cfg, args.out, folds=args.folds, progress=True)
@@ -207,8 +213,11 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
         row = post[key]
         label = f"{key}: threshold {row['threshold']:.2f}, min {row['min_lesion_mm3']:g} mm3"
         print(
-            f"{label:<34}{_fmt(row['f1']):>7}{_fmt(row['recall']):>8}"
-            f"{_fmt(row['precision']):>7}{_fmt(row['dice']):>7}"
+            f"{label:<34}"
+            + "".join(
+                f"{format_metric(row[k], missing='nan'):>{w}}"
+                for k, w in (("f1", 7), ("recall", 8), ("precision", 7), ("dice", 7))
+            )
         )
     print(f"wrote {Path(args.out) / 'summary.json'} (out-of-fold, after) and postprocessing.json")
     return 0
@@ -217,6 +226,7 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from segmenter import config as config_mod
     from segmenter import experiments
+    from segmenter.report import format_metric
 
     base = config_mod.load_config(args.config, args.set)
     variants = experiments.load_variants(args.variants, base)
@@ -227,17 +237,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(f"{'variant':<16} {'held-out':>8} {'Dice':>6} {'recall':>7} {'prec':>6} {'F1':>6}  run")
     for r in results:
         fg, pooled = r.summary["foreground_mean"], r.summary["lesion"]["pooled"]
+        dice, recall, prec, f1 = (
+            format_metric(v, missing="nan")
+            for v in (fg["Dice"], pooled["recall"], pooled["precision"], pooled["f1"])
+        )
         print(
-            f"{r.variant.name:<16} {r.summary['n_cases']:>8} {_fmt(fg['Dice']):>6} "
-            f"{_fmt(pooled['recall']):>7} {_fmt(pooled['precision']):>6} {_fmt(pooled['f1']):>6}  "
-            f"{'trained' if r.trained_now else 'skipped (finished before)'}"
+            f"{r.variant.name:<16} {r.summary['n_cases']:>8} {dice:>6} {recall:>7} {prec:>6} "
+            f"{f1:>6}  {'trained' if r.trained_now else 'skipped (finished before)'}"
         )
     print(f"wrote {Path(args.out) / 'comparison.csv'}")
     return 0
-
-
-def _fmt(value: Any) -> str:
-    return "nan" if value is None or value != value else f"{value:.3f}"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

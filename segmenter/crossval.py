@@ -18,12 +18,13 @@ probabilities.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,13 @@ import numpy as np
 from segmenter import evaluate, metrics, tuning
 from segmenter.atomic import copy_file, write_text
 from segmenter.config import Config, save_config
+from segmenter.data import Case, load_dataset
 from segmenter.errors import InputError
-from segmenter.inference import POSTPROCESSING_FILE, load_predictor
-from segmenter.io import read_image, write_like
-from segmenter.postprocess import probabilities_to_mask
+from segmenter.inference import POSTPROCESSING_FILE, Predictor, load_predictor
+from segmenter.io import Image, read_image, write_like
 from segmenter.predict import PredictOptions, predict_probability
 from segmenter.report import summary_json
+from segmenter.splits import fold_dir, resolve_dataset
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,40 @@ class CrossvalResult:
     summary: dict[str, Any]
 
 
+@dataclass
+class OutOfFold:
+    """The out-of-fold predictions, one entry per validation case of the folds run.
+
+    Attributes:
+        probabilities: ``(X, Y, Z)`` float32 foreground probabilities in the scan's grid.
+        references: ``(X, Y, Z)`` uint8 binary references.
+        spacings: voxel sizes in mm.
+        files: each case's file name and its image (the geometry masks are written with).
+        seconds: seconds each prediction took (when it was made).
+    """
+
+    probabilities: list[np.ndarray] = field(default_factory=list)
+    references: list[np.ndarray] = field(default_factory=list)
+    spacings: list[tuple[float, ...]] = field(default_factory=list)
+    files: list[tuple[str, Image]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+
+def _chosen_folds(cfg: Config, folds: Sequence[int] | None) -> list[int]:
+    n = cfg.train.n_folds
+    chosen = list(range(n)) if folds is None else sorted(set(folds))
+    bad = [k for k in chosen if not 0 <= k < n]
+    if bad:
+        raise InputError(f"fold {bad[0]} is not in 0..{n - 1} (train.n_folds = {n})")
+    return chosen
+
+
 def _train_folds(cfg: Config, out: Path, folds: Sequence[int], progress: bool) -> list[int]:
     from segmenter import train
 
     trained = []
     for k in folds:
-        run = out / f"fold_{k}"
+        run = fold_dir(out, k)
         if (run / DONE_FILE).is_file():
             log.info("fold %d: finished before, kept", k)
             continue
@@ -74,13 +104,112 @@ def _train_folds(cfg: Config, out: Path, folds: Sequence[int], progress: bool) -
     return trained
 
 
-def _masks(
-    probs: Sequence[np.ndarray], spacings: Sequence[Sequence[float]], threshold: float, size: float
-) -> list[np.ndarray]:
-    return [
-        probabilities_to_mask(p, s, threshold=threshold, min_lesion_mm3=size)
-        for p, s in zip(probs, spacings, strict=True)
-    ]
+def _fold_probability(
+    predictor: Callable[[], Predictor],
+    case: Case,
+    saved: Path,
+    *,
+    timings: dict[str, float],
+    trained_at: float,
+) -> tuple[np.ndarray, Image]:
+    """A validation case's probabilities by its fold's model: the map saved at ``saved`` when
+    that model wrote it (not retrained since ``trained_at``), else predicted now, saved and
+    timed into ``timings``."""
+    name = saved.name
+    if name in timings and saved.is_file() and saved.stat().st_mtime >= trained_at:
+        reference = read_image(saved, dtype=np.float32)
+        return reference.array, reference
+    t0 = time.perf_counter()
+    prob, reference = predict_probability(predictor(), case, PredictOptions())
+    write_like(saved, prob, reference)
+    timings[name] = time.perf_counter() - t0
+    return prob, reference
+
+
+def predict_out_of_fold(cfg: Config, folder: Path, folds: Sequence[int]) -> OutOfFold:
+    """Each fold's validation cases predicted by that fold's model, in their native grid
+    (``OUT/oof/probabilities``; references copied to ``OUT/oof/reference``, timings in
+    ``OUT/oof/seconds.json``)."""
+    dataset = load_dataset(resolve_dataset(cfg))
+    by_id = {c.case_id: c for c in dataset.training}
+    oof_dir = folder / "oof"
+    timings_file = oof_dir / TIMINGS_FILE
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    oof = OutOfFold()
+    for k in folds:
+        run = fold_dir(folder, k)
+        split = json.loads((run / "splits.json").read_text())[k]
+        predictor = functools.cache(functools.partial(load_predictor, run))  # once, if needed
+        trained_at = (run / DONE_FILE).stat().st_mtime
+        for case_id in split["val"]:
+            case = by_id[case_id]
+            assert case.label is not None
+            name = f"{case_id}{dataset.file_ending}"
+            prob, reference = _fold_probability(
+                predictor, case, oof_dir / "probabilities" / name, timings=timings,
+                trained_at=trained_at,
+            )  # fmt: skip
+            write_text(timings_file, json.dumps(timings, indent=1, sort_keys=True))
+            copy_file(case.label, oof_dir / "reference" / name)
+            oof.probabilities.append(prob)
+            oof.references.append((read_image(case.label).array > 0).astype(np.uint8))
+            oof.spacings.append(reference.spacing)
+            oof.files.append((name, reference))
+            oof.seconds.append(float(timings[name]))
+        log.info("fold %d: %d out-of-fold cases predicted", k, len(split["val"]))
+    return oof
+
+
+def _evaluate_masks(
+    cfg: Config, oof: OutOfFold, post: dict[str, Any], folder: Path
+) -> dict[str, Any]:
+    """Write the OOF masks before and after tuning and evaluate both; returns the summary
+    after tuning (``OUT/summary.json``)."""
+    oof_dir = folder / "oof"
+    for sub, row in (("before", post["before"]), ("predictions", post["after"])):
+        masks = tuning.masks_at(
+            oof.probabilities, oof.spacings, row["threshold"], row["min_lesion_mm3"]
+        )
+        for (name, reference), mask in zip(oof.files, masks, strict=True):
+            write_like(oof_dir / sub / name, mask, reference)
+    options = {"preset": cfg.evaluation.preset, "size_bins_mm3": cfg.evaluation.size_bins_mm3}
+    reference_dir = oof_dir / "reference"
+    evaluate.evaluate_folders(oof_dir / "before", reference_dir, out_dir=oof_dir / "before",
+                              **options)  # fmt: skip
+    return evaluate.evaluate_folders(oof_dir / "predictions", reference_dir, out_dir=folder,
+                                     **options)  # fmt: skip
+
+
+def tune_postprocessing(
+    cfg: Config,
+    oof: OutOfFold,
+    *,
+    tuned_on: str,
+    thresholds: Sequence[float],
+    min_sizes_mm3: Sequence[float] | None,
+) -> dict[str, Any]:
+    """The ``postprocessing.json`` record: the grid search's choice on the out-of-fold
+    predictions, its score and the config's (``before``), and the grid."""
+    rule = metrics.PRESETS[cfg.evaluation.preset]
+    probs, refs, spacings = oof.probabilities, oof.references, oof.spacings
+    sizes = tuning.min_size_grid(refs, spacings, rule) if min_sizes_mm3 is None else min_sizes_mm3
+    best, rows = tuning.grid_search(
+        probs, refs, spacings, rule, thresholds=thresholds, min_sizes_mm3=sizes
+    )
+    base_thr, base_size = cfg.inference.threshold, cfg.inference.min_lesion_mm3
+    before = tuning.score(tuning.masks_at(probs, spacings, base_thr, base_size), refs, spacings,
+                          rule)  # fmt: skip
+    return {
+        "threshold": best["threshold"],
+        "min_lesion_mm3": best["min_lesion_mm3"],
+        "criterion": tuning.CRITERION,
+        "tuned_on": tuned_on,
+        "seconds_per_case": float(np.mean(oof.seconds)),
+        "before": {"threshold": base_thr, "min_lesion_mm3": base_size, **before},
+        "after": {k: best[k] for k in ("threshold", "min_lesion_mm3", "f1", "recall",
+                                       "precision", "dice", "criterion")},
+        "grid": rows,
+    }  # fmt: skip
 
 
 def run_crossval(
@@ -106,100 +235,35 @@ def run_crossval(
     Raises:
         InputError: a fold number outside the split, or bad data (as ``train``).
     """
-    from segmenter import train
-    from segmenter.data import load_dataset
-
-    n = cfg.train.n_folds
-    chosen = list(range(n)) if folds is None else sorted(set(folds))
-    bad = [k for k in chosen if not 0 <= k < n]
-    if bad:
-        raise InputError(f"fold {bad[0]} is not in 0..{n - 1} (train.n_folds = {n})")
+    chosen = _chosen_folds(cfg, folds)
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / "config.yaml")
     trained = _train_folds(cfg, folder, chosen, progress)
-
-    dataset = load_dataset(train.resolve_dataset(cfg))
-    by_id = {c.case_id: c for c in dataset.training}
-    oof = folder / "oof"
-    ending = dataset.file_ending
-    probs, refs, spacings, names = [], [], [], []
-    timings_file = oof / TIMINGS_FILE
-    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    seconds: list[float] = []
-    options = PredictOptions()
-    for k in chosen:
-        run = folder / f"fold_{k}"
-        predictor = None
-        split = json.loads((run / "splits.json").read_text())[k]
-        trained_at = (run / DONE_FILE).stat().st_mtime
-        for case_id in split["val"]:
-            case = by_id[case_id]
-            assert case.label is not None
-            name = f"{case_id}{ending}"
-            saved = oof / "probabilities" / name
-            if name in timings and saved.is_file() and saved.stat().st_mtime >= trained_at:
-                reference = read_image(saved, dtype=np.float32)  # predicted by this fold's model
-                prob = reference.array
-            else:
-                predictor = predictor or load_predictor(run)
-                t0 = time.perf_counter()
-                prob, reference = predict_probability(predictor, case, options)
-                write_like(saved, prob, reference)
-                timings[name] = time.perf_counter() - t0
-                write_text(timings_file, json.dumps(timings, indent=1, sort_keys=True))
-            seconds.append(float(timings[name]))
-            copy_file(case.label, oof / "reference" / name)
-            label = read_image(case.label).array
-            probs.append(prob)
-            refs.append((label > 0).astype(np.uint8))
-            spacings.append(reference.spacing)
-            names.append((name, reference))
-        log.info("fold %d: %d out-of-fold cases predicted", k, len(split["val"]))
-
-    rule = metrics.PRESETS[cfg.evaluation.preset]
-    sizes = tuning.min_size_grid(refs, spacings, rule) if min_sizes_mm3 is None else min_sizes_mm3
-    best, rows = tuning.grid_search(
-        probs, refs, spacings, rule, thresholds=thresholds, min_sizes_mm3=sizes
-    )
-    base_thr, base_size = cfg.inference.threshold, cfg.inference.min_lesion_mm3
-    before = _masks(probs, spacings, base_thr, base_size)
-    after = _masks(probs, spacings, best["threshold"], best["min_lesion_mm3"])
-    for (name, reference), b, a in zip(names, before, after, strict=True):
-        write_like(oof / "before" / name, b, reference)
-        write_like(oof / "predictions" / name, a, reference)
-    bins = cfg.evaluation.size_bins_mm3
-    preset = cfg.evaluation.preset
-    evaluate.evaluate_folders(
-        oof / "before", oof / "reference", preset=preset, size_bins_mm3=bins, out_dir=oof / "before"
-    )
-    summary = evaluate.evaluate_folders(
-        oof / "predictions", oof / "reference", preset=preset, size_bins_mm3=bins, out_dir=folder
-    )
-    post = {
-        "threshold": best["threshold"],
-        "min_lesion_mm3": best["min_lesion_mm3"],
-        "criterion": tuning.CRITERION,
-        "tuned_on": f"out-of-fold predictions of folds {chosen} ({len(probs)} cases)",
-        "seconds_per_case": float(np.mean(seconds)),
-        "before": {"threshold": base_thr, "min_lesion_mm3": base_size,
-                   **tuning.score(before, refs, spacings, rule)},
-        "after": {k: best[k] for k in ("threshold", "min_lesion_mm3", "f1", "recall",
-                                       "precision", "dice", "criterion")},
-        "grid": rows,
-    }  # fmt: skip
+    oof = predict_out_of_fold(cfg, folder, chosen)
+    post = tune_postprocessing(
+        cfg, oof, tuned_on=f"out-of-fold predictions of folds {chosen} ({len(oof.files)} cases)",
+        thresholds=thresholds, min_sizes_mm3=min_sizes_mm3,
+    )  # fmt: skip
+    summary = _evaluate_masks(cfg, oof, post, folder)
     text = summary_json(post)
     write_text(folder / POSTPROCESSING_FILE, text)
     for k in chosen:
-        write_text(folder / f"fold_{k}" / POSTPROCESSING_FILE, text)
+        write_text(fold_dir(folder, k) / POSTPROCESSING_FILE, text)
     b, a = post["before"], post["after"]
     log.info(
         "post-processing tuned on %d out-of-fold cases: threshold %.2f, min lesion %.1f mm3; "
         "lesion F1 %.3f -> %.3f, Dice %.3f -> %.3f",
-        len(probs), a["threshold"], a["min_lesion_mm3"], _num(b["f1"]), _num(a["f1"]),
+        len(oof.files), a["threshold"], a["min_lesion_mm3"], _num(b["f1"]), _num(a["f1"]),
         _num(b["dice"]), _num(a["dice"]),
     )  # fmt: skip
-    return CrossvalResult(folder, chosen, trained, json.loads(text), summary)
+    return CrossvalResult(
+        folder=folder,
+        folds=chosen,
+        trained=trained,
+        postprocessing=json.loads(text),
+        summary=summary,
+    )
 
 
 def _num(value: Any) -> float:

@@ -114,12 +114,13 @@ def run_variant(
     from segmenter.data import load_dataset
     from segmenter.inference import load_predictor
     from segmenter.predict import PROBABILITY_FOLDER, PredictOptions, predict_case
+    from segmenter.splits import resolve_dataset
 
     cfg = variant_config(base, variant, minutes)
     run = folder / "run"
     resume = (run / "checkpoints" / "last.pt").is_file()
     result = train.fit(cfg, run, fold=0, resume=resume, progress=progress)
-    dataset = load_dataset(train.resolve_dataset(cfg))
+    dataset = load_dataset(resolve_dataset(cfg))
     cases, held_out = held_out_cases(dataset, run)
     predictor = load_predictor(run)
     predictions, reference = folder / "predictions", folder / "reference"
@@ -178,30 +179,26 @@ def froc_points(prob_dir: Path, label_dir: Path, cfg: Config) -> list[dict[str, 
     Returns:
         One point per threshold: ``threshold``, ``recall`` (pooled), ``fp_per_case``.
     """
-    from segmenter import metrics
+    from segmenter import metrics, tuning
     from segmenter.io import read_image
-    from segmenter.postprocess import probabilities_to_mask
 
     rule = metrics.PRESETS[cfg.evaluation.preset]
-    cases = []
+    probs, refs, spacings = [], [], []
     for prob_path in sorted(prob_dir.iterdir()):
         ref_path = label_dir / prob_path.name
         if ref_path.is_file():
             prob = read_image(prob_path)
-            cases.append((prob.array, read_image(ref_path).array > 0, prob.spacing))
+            probs.append(prob.array)
+            refs.append(read_image(ref_path).array > 0)
+            spacings.append(prob.spacing)
     points = []
     for thr in FROC_THRESHOLDS:
-        tp = fn = fp = 0
-        for prob, ref, spacing in cases:
-            mask = probabilities_to_mask(
-                prob, spacing, threshold=thr, min_lesion_mm3=cfg.inference.min_lesion_mm3
-            )
-            s = metrics.lesion_metrics(mask, ref, spacing, rule=rule).summary
-            tp, fn, fp = tp + s["tp"], fn + s["fn"], fp + s["fp"]
+        masks = tuning.masks_at(probs, spacings, thr, cfg.inference.min_lesion_mm3)
+        c = tuning.lesion_counts(masks, refs, spacings, rule)
         points.append({
             "threshold": thr,
-            "recall": tp / (tp + fn) if tp + fn else math.nan,
-            "fp_per_case": fp / len(cases) if cases else math.nan,
+            "recall": c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else math.nan,
+            "fp_per_case": c["fp"] / len(probs) if probs else math.nan,
         })  # fmt: skip
     return points
 

@@ -15,7 +15,6 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +23,8 @@ from segmenter.checkpoint import find_checkpoint, load_checkpoint
 from segmenter.config import Config, InferenceConfig, config_from_dict
 from segmenter.errors import InputError
 from segmenter.model import UNet3d, build_model
+from segmenter.run_plan import RunPlan
+from segmenter.splits import fold_runs
 
 MIRROR_AXES: tuple[tuple[int, ...], ...] = tuple(
     axes for r in range(4) for axes in itertools.combinations((2, 3, 4), r)
@@ -177,41 +178,61 @@ POSTPROCESSING_FILE = "postprocessing.json"
 
 @dataclass(frozen=True)
 class Predictor:
-    """A trained model ready for inference, loaded from a run folder."""
+    """A trained model ready for inference, loaded from a run folder.
+
+    Attributes:
+        model: the network in eval mode, on ``device``.
+        config: the run's resolved config.
+        plan: the run's plan, its threshold and minimum lesion size those ``predict`` uses by
+            default (the run's ``postprocessing.json`` when it has one).
+        device: where the model runs.
+        dtype: autocast dtype, or None for float32.
+        checkpoint: the checkpoint file it was loaded from.
+        postprocessing_file: the ``postprocessing.json`` that set the plan's threshold and
+            minimum lesion size, or None.
+    """
 
     model: torch.nn.Module
     config: Config
-    plan: dict[str, Any]
+    plan: RunPlan
     device: torch.device
     dtype: torch.dtype | None
     checkpoint: Path
+    postprocessing_file: Path | None = None
 
     @property
     def patch_size(self) -> tuple[int, int, int]:
         """Sliding-window size (the training patch)."""
-        p = self.plan["patch_size"]
-        return (int(p[0]), int(p[1]), int(p[2]))
+        return self.plan.patch_size
 
     @property
     def channel_names(self) -> list[str]:
         """Input channels in order, as named in the training dataset."""
-        return [str(c) for c in self.plan["channel_names"]]
+        return list(self.plan.channel_names)
 
 
-def build_from_plan(config: Config, plan: dict[str, Any]) -> UNet3d:
+def build_from_plan(config: Config, plan: RunPlan) -> UNet3d:
     """The network described by a run's config and plan (untrained weights).
 
     With a target spacing in the plan, the topology follows it (nnU-Net's anisotropy rule);
     runs without one were built for isotropic strides and stay so.
     """
-    spacing = plan.get("target_spacing")
     return build_model(
         config.model,
-        in_channels=len(plan["channel_names"]),
-        out_channels=int(plan["out_channels"]),
-        patch_size=tuple(plan["patch_size"]),  # type: ignore[arg-type]
-        spacing=None if spacing is None else tuple(spacing),  # type: ignore[arg-type]
+        in_channels=len(plan.channel_names),
+        out_channels=plan.out_channels,
+        patch_size=plan.patch_size,
+        spacing=plan.preprocessing.target_spacing,  # type: ignore[arg-type]
     )
+
+
+def _tuned_postprocessing(plan: RunPlan, path: Path) -> RunPlan:
+    """``plan`` with the threshold and minimum lesion size of a ``postprocessing.json``."""
+    try:
+        post = json.loads(path.read_text())
+        return plan.with_postprocessing(float(post["threshold"]), float(post["min_lesion_mm3"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: unreadable post-processing file ({exc})") from None
 
 
 def load_predictor(run_dir: str | Path, *, device: str = "auto", which: str = "best") -> Predictor:
@@ -221,27 +242,30 @@ def load_predictor(run_dir: str | Path, *, device: str = "auto", which: str = "b
     out-of-fold predictions), its threshold and minimum lesion size replace the run's own.
 
     Raises:
-        InputError: missing run folder or checkpoint, unreadable checkpoint.
+        InputError: missing run folder or checkpoint, unreadable checkpoint or plan.
     """
     path = find_checkpoint(run_dir, which)
     dev = resolve_device(device)
     state = load_checkpoint(path, map_location=dev)
     config = config_from_dict(state["config"])
-    plan = dict(state["plan"])
+    plan = RunPlan.from_json(state["plan"], source=str(path))
     tuned = Path(run_dir) / POSTPROCESSING_FILE
-    if tuned.is_file():
-        try:
-            post = json.loads(tuned.read_text())
-            plan["threshold"] = float(post["threshold"])
-            plan["min_lesion_mm3"] = float(post["min_lesion_mm3"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{tuned}: unreadable post-processing file ({exc})") from None
-        plan["postprocessing_file"] = str(tuned)
+    post_file = tuned if tuned.is_file() else None
+    if post_file is not None:
+        plan = _tuned_postprocessing(plan, post_file)
     model = build_from_plan(config, plan)
     model.load_state_dict(state["model"])
     model.place(dev).eval()
     dtype = autocast_dtype(config.train.precision, dev)
-    return Predictor(model, config, plan, dev, dtype, path)
+    return Predictor(
+        model=model,
+        config=config,
+        plan=plan,
+        device=dev,
+        dtype=dtype,
+        checkpoint=path,
+        postprocessing_file=post_file,
+    )
 
 
 def model_runs(paths: Sequence[str | Path]) -> list[Path]:
@@ -250,16 +274,8 @@ def model_runs(paths: Sequence[str | Path]) -> list[Path]:
     with its own message)."""
     runs: list[Path] = []
     for p in map(Path, paths):
-        folds = []
-        if p.is_dir() and not (p / "checkpoints").is_dir():
-            folds = [
-                d for d in p.glob("fold_*")
-                if d.name[5:].isdigit() and (d / "checkpoints").is_dir()
-            ]  # fmt: skip
-        if folds:
-            runs.extend(sorted(folds, key=lambda d: int(d.name[5:])))
-        else:
-            runs.append(p)
+        folds = fold_runs(p) if p.is_dir() and not (p / "checkpoints").is_dir() else []
+        runs.extend(folds or [p])
     return runs
 
 

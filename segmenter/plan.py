@@ -1,4 +1,8 @@
-"""Experiment plan from a dataset fingerprint (``segmenter plan``): what nnU-Net's planner decides.
+"""The dataset plan (``segmenter plan``): what nnU-Net's planner decides from a fingerprint.
+
+Not a run's plan (:mod:`segmenter.run_plan`, what ``predict`` repeats): the dataset plan
+suggests config values (``train --plan`` takes them over) and is written to
+``plans/NAME/plan.json``.
 
 From the fingerprint (:mod:`segmenter.fingerprint`) and the config's ``plan`` section:
 
@@ -98,7 +102,7 @@ def patch_and_depth(
     return (final[0], final[1], final[2]), depth
 
 
-def make_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any]:
+def make_dataset_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """``plan.json`` content for a fingerprint under the config's ``plan`` section.
 
     Args:
@@ -145,7 +149,7 @@ def make_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any]:
 
 
 #: The plan's entries a config takes over, and the config key each sets.
-PLAN_KEYS = {
+DATASET_PLAN_KEYS = {
     "patch_size": "data.patch_size",
     "batch_size": "data.batch_size",
     "depth": "model.depth",
@@ -154,7 +158,7 @@ PLAN_KEYS = {
 }
 
 
-def read_plan(path: str | Path) -> dict[str, Any]:
+def read_dataset_plan(path: str | Path) -> dict[str, Any]:
     """A ``plan.json`` written by ``segmenter plan``.
 
     Raises:
@@ -167,12 +171,12 @@ def read_plan(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{p}: plan not found (write one with segmenter plan DATASET)") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{p}: unreadable plan ({exc})") from None
-    missing = [k for k in PLAN_KEYS if not isinstance(plan, dict) or k not in plan]
+    missing = [k for k in DATASET_PLAN_KEYS if not isinstance(plan, dict) or k not in plan]
     if missing:
         raise InputError(f"{p}: not a plan.json (no {missing[0]!r})")
     return plan
 
 
-def plan_values(plan: dict[str, Any]) -> dict[str, Any]:
+def dataset_plan_values(plan: dict[str, Any]) -> dict[str, Any]:
     """Config values (dotted keys) that make an experiment follow ``plan``."""
-    return {key: plan[name] for name, key in PLAN_KEYS.items()}
+    return {key: plan[name] for name, key in DATASET_PLAN_KEYS.items()}

@@ -29,10 +29,10 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: str | Path | None) -> Any:
+def _save(fig: Any, path: str | Path | None, **savefig: Any) -> Any:
     if path is not None:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+            fig.savefig(tmp, format="png", **({"dpi": 90, "bbox_inches": "tight"} | savefig))
     return fig
 
 
@@ -131,8 +131,7 @@ def training_curves(
     for name, rows in histories.items():
         epochs = [_num(r.get("epoch")) for r in rows]
         ax_loss.plot(epochs, [_num(r.get("train_loss")) for r in rows], label=name)
-        pts = [(_num(r.get("epoch")), _num(r.get(key))) for r in rows]
-        pts = [p for p in pts if not math.isnan(p[1])]
+        pts = _validation_points(rows, key)
         if pts:
             ax_val.plot(*zip(*pts, strict=True), marker="o", label=name)
     ax_loss.set_xlabel("epoch")
@@ -143,6 +142,41 @@ def training_curves(
     ax_val.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _validation_points(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(epoch, value) of the rows whose ``key`` holds a number (validated epochs)."""
+    pts = [(_num(r.get("epoch")), _num(r.get(key))) for r in rows]
+    return [p for p in pts if not math.isnan(p[1])]
+
+
+#: The validation columns a run's own curves show, and their legend labels.
+RUN_CURVES = (("val_dice", "Dice"), ("val_lesion_recall", "lesion recall"),
+              ("val_lesion_f1", "lesion F1"))  # fmt: skip
+
+
+def run_curves(history: Sequence[Mapping[str, Any]], path: str | Path | None = None) -> Any:
+    """One run's training loss (log scale) and validation metrics per epoch
+    (``training_curves.png`` in a run folder; rows as in ``metrics.csv``)."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([_num(h.get("epoch")) for h in history],
+                 [_num(h.get("train_loss")) for h in history], label="train loss")  # fmt: skip
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    for key, label in RUN_CURVES:
+        pts = _validation_points(history, key)
+        if pts:
+            ax_val.plot(*zip(*pts, strict=True), marker="o", label=label)
+    ax_val.set_xlabel("epoch")
+    ax_val.set_ylim(0, 1)
+    if ax_val.lines:
+        ax_val.legend()
+    fig.tight_layout()
+    _save(fig, path, dpi=80, bbox_inches=None)
+    plt.close(fig)
+    return fig
 
 
 def slice_overlay(

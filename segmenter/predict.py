@@ -25,7 +25,8 @@ from segmenter.errors import InputError
 from segmenter.inference import Predictor, foreground_probability, predict_logits
 from segmenter.io import Image, is_image_file, strip_suffix, suffix_of, write_like
 from segmenter.postprocess import probabilities_to_mask
-from segmenter.preprocess import normalization_from_plan, preprocess_arrays, read_case
+from segmenter.preprocess import preprocess_arrays, read_case
+from segmenter.run_plan import RunPlan
 
 PROBABILITY_FOLDER = "probabilities"
 
@@ -38,6 +39,13 @@ class PredictOptions:
     threshold: float | None = None
     min_lesion_mm3: float | None = None
     save_probabilities: bool = False
+
+    def postprocessing(self, plan: RunPlan) -> tuple[float, float]:
+        """Threshold and minimum lesion size (mm3): these options' where set, else the
+        plan's (the run's tuned defaults, see :func:`segmenter.inference.load_predictor`)."""
+        threshold = plan.threshold if self.threshold is None else self.threshold
+        min_mm3 = plan.min_lesion_mm3 if self.min_lesion_mm3 is None else self.min_lesion_mm3
+        return threshold, min_mm3
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ def collect_cases(inputs: Sequence[str | Path], predictor: Predictor) -> list[Ca
         endings = sorted({suffix_of(p) for p in folder.iterdir() if is_image_file(p)})
         if not endings:
             raise InputError(f"{folder}: no image files found")
-        ending = predictor.plan.get("file_ending", ".nii.gz")
+        ending = predictor.plan.file_ending
         cases = find_cases(folder, n_channels, ending if ending in endings else endings[0])
         if not cases:
             raise InputError(f"{folder}: no cases named CASE_XXXX{endings[0]} found")
@@ -115,7 +123,7 @@ def ensemble(predictor: Predictor | Sequence[Predictor]) -> list[Predictor]:
                 f"{other.checkpoint}: channels {other.channel_names} differ from "
                 f"{first.checkpoint}'s {first.channel_names}"
             )
-        if other.plan["activation"] != first.plan["activation"]:
+        if other.plan.activation != first.plan.activation:
             raise InputError(f"{other.checkpoint}: another output activation than the others")
     return models
 
@@ -146,16 +154,13 @@ def predict_probability(
     for model in models:
         pre = preprocess_arrays(
             [im.array for im in images], None, images[0].affine, images[0].spacing,
-            crop_to_nonzero=bool(model.plan["crop_to_nonzero"]), case_id=case.case_id,
-            target_spacing=model.plan.get("target_spacing"),
-            clip_percentiles=model.plan.get("clip_percentiles"),
-            normalization=normalization_from_plan(model.plan.get("normalization")),
+            case_id=case.case_id, spec=model.plan.preprocessing,
         )  # fmt: skip
         logits = predict_logits(
             model.model, pre.image, model.patch_size, model.config.inference,
             device=model.device, dtype=model.dtype, tta=options.tta,
         )  # fmt: skip
-        prob = pre.restore(foreground_probability(logits, model.plan["activation"]))
+        prob = pre.restore(foreground_probability(logits, model.plan.activation))
         total = prob if total is None else total + prob
     assert total is not None
     return (total / len(models)).astype(np.float32), images[0]
@@ -170,11 +175,7 @@ def predict_case(
     start = time.perf_counter()
     models = ensemble(predictor)
     prob, reference = predict_probability(models, case, options)
-    plan = models[0].plan
-    threshold = options.threshold if options.threshold is not None else plan["threshold"]
-    min_mm3 = options.min_lesion_mm3
-    if min_mm3 is None:
-        min_mm3 = plan["min_lesion_mm3"]
+    threshold, min_mm3 = options.postprocessing(models[0].plan)
     mask = probabilities_to_mask(
         prob, reference.spacing, threshold=threshold, min_lesion_mm3=min_mm3
     )
@@ -184,7 +185,11 @@ def predict_case(
         prob_path = mask_path.parent / PROBABILITY_FOLDER / mask_path.name
         write_like(prob_path, prob, reference)
     return Prediction(
-        case.case_id, mask_path, prob_path, time.perf_counter() - start, int(mask.sum())
+        case_id=case.case_id,
+        mask_path=mask_path,
+        probability_path=prob_path,
+        seconds=time.perf_counter() - start,
+        n_lesion_voxels=int(mask.sum()),
     )
 
 

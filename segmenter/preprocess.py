@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
-from tqdm import tqdm
 
 from segmenter import io, resample
-from segmenter.config import ChannelNormalization, config_from_dict
+from segmenter.config import ChannelNormalization
 from segmenter.errors import InputError
+from segmenter.prep_spec import PreprocessingSpec
 
 if TYPE_CHECKING:
     from segmenter.data import Case
@@ -228,21 +227,6 @@ def normalise(
     return out, ZScoreStats(tuple(means), tuple(stds), int(mask.sum()))
 
 
-def normalization_from_plan(value: Any) -> tuple[ChannelNormalization, ...]:
-    """The per-channel schemes a run's ``plan.json`` recorded (``normalization``).
-
-    Runs written before CT support recorded the string ``"zscore_nonzero"``: every channel
-    z-scored, which an empty tuple means. Entries are built and checked as the config's
-    ``data.normalization`` is (:func:`segmenter.config.config_from_dict`).
-
-    Raises:
-        ConfigError: an entry that is not a valid :class:`ChannelNormalization`.
-    """
-    if not isinstance(value, list):
-        return ()
-    return config_from_dict({"data": {"normalization": value}}).data.normalization
-
-
 # ------------------------------------------------------------------------- resampling hook
 
 
@@ -412,26 +396,19 @@ def preprocess_arrays(
     affine: np.ndarray,
     spacing: Sequence[float],
     *,
-    crop_to_nonzero: bool,
     case_id: str,
-    target_spacing: Sequence[float] | None = None,
-    clip_percentiles: Sequence[float] | None = None,
-    normalization: Sequence[ChannelNormalization] = (),
+    spec: PreprocessingSpec | None = None,
 ) -> PreprocessedCase:
-    """Preprocess one case given as arrays: crop, (resampling hook), z-score.
+    """Preprocess one case given as arrays: reorient, crop, resample, normalise.
 
     Args:
         images: one ``(X, Y, Z)`` array per channel, all the same shape, finite.
         label: ``(X, Y, Z)`` integer label (0 background) or None.
         affine: 4x4 voxel-to-world matrix of the original image.
         spacing: voxel size in mm along X, Y, Z.
-        crop_to_nonzero: crop to the bounding box of the nonzero voxels (all channels).
         case_id: identifier used in error messages and kept on the result.
-        target_spacing: voxel size in mm to resample to after cropping, or None to keep
-            ``spacing`` (see :func:`resample_hook`).
-        clip_percentiles: intensity percentiles to clip each channel to before z-scoring
-            (see :func:`normalise`), or None.
-        normalization: per-channel schemes (see :func:`normalise`); empty: all z-score.
+        spec: the settings (default: crop to nonzero, own spacing, no clipping, z-score);
+            see :func:`resample_hook` and :func:`normalise` for what each does.
 
     Returns:
         The :class:`PreprocessedCase`.
@@ -459,13 +436,14 @@ def preprocess_arrays(
         lab = _as_label(np.asarray(label), f"{case_id} label")
     spacing_t = tuple(float(s) for s in spacing)
     affine = np.asarray(affine, dtype=np.float64)
+    spec = spec or PreprocessingSpec()
     stack, lab, affine, spacing_t, ornt = to_canonical(stack, lab, affine, spacing_t)
-    box = nonzero_bbox(stack) if crop_to_nonzero else CropBox.whole(stack.shape[1:])
+    box = nonzero_bbox(stack) if spec.crop_to_nonzero else CropBox.whole(stack.shape[1:])
     if box.size != stack.shape[1:]:
         stack = crop(stack, box)
         lab = crop(lab, box) if lab is not None else None
-    stack, lab, spacing_t = resample_hook(stack, lab, spacing_t, target_spacing)
-    normalised, stats = normalise(stack, clip_percentiles, normalization)
+    stack, lab, spacing_t = resample_hook(stack, lab, spacing_t, spec.target_spacing)
+    normalised, stats = normalise(stack, spec.clip_percentiles, spec.normalization)
     logger.debug("%s: box %s..%s, stats %s", case_id, box.lo, box.hi, stats)
     return PreprocessedCase(
         case_id=case_id,
@@ -517,22 +495,12 @@ def read_case(case: Case, *, with_label: bool = True) -> tuple[list[io.Image], n
     return images, _as_label(label, str(case.label))
 
 
-def preprocess_case(
-    case: Case,
-    *,
-    crop_to_nonzero: bool = True,
-    target_spacing: Sequence[float] | None = None,
-    clip_percentiles: Sequence[float] | None = None,
-    normalization: Sequence[ChannelNormalization] = (),
-) -> PreprocessedCase:
+def preprocess_case(case: Case, spec: PreprocessingSpec | None = None) -> PreprocessedCase:
     """Read (:func:`read_case`) and preprocess one dataset case.
 
     Args:
         case: a :class:`segmenter.data.Case`.
-        crop_to_nonzero: crop to the bounding box of the nonzero voxels.
-        target_spacing: voxel size in mm to resample to, or None (see :func:`resample_hook`).
-        clip_percentiles: see :func:`normalise`.
-        normalization: see :func:`normalise`.
+        spec: the settings (see :func:`preprocess_arrays`).
 
     Returns:
         The :class:`PreprocessedCase`; ``affine`` and ``spacing`` come from channel 0.
@@ -542,71 +510,9 @@ def preprocess_case(
     """
     images, label = read_case(case)
     return preprocess_arrays(
-        [img.array for img in images],
-        label,
-        images[0].affine,
-        images[0].spacing,
-        crop_to_nonzero=crop_to_nonzero,
-        case_id=case.case_id,
-        target_spacing=target_spacing,
-        clip_percentiles=clip_percentiles,
-        normalization=normalization,
-    )
-
-
-def preprocess_dataset(
-    cases: Sequence[Case],
-    *,
-    crop_to_nonzero: bool = True,
-    target_spacing: Sequence[float] | None = None,
-    clip_percentiles: Sequence[float] | None = None,
-    normalization: Sequence[ChannelNormalization] = (),
-    cache_dir: str | None = None,
-    workers: int = 2,
-    progress: bool = False,
-) -> list[PreprocessedCase]:
-    """Preprocess many cases in parallel threads (gzip and numpy release the GIL).
-
-    Args:
-        cases: the cases to read.
-        crop_to_nonzero: crop each case to its nonzero bounding box.
-        target_spacing: voxel size in mm to resample to, or None (see :func:`resample_hook`).
-        clip_percentiles: see :func:`normalise`.
-        normalization: see :func:`normalise`.
-        cache_dir: keep and reuse the results there (:mod:`segmenter.cache`), or None.
-        workers: threads reading cases at once.
-        progress: show a tqdm progress bar (stderr).
-
-    Returns:
-        One :class:`PreprocessedCase` per case, in the order of ``cases``.
-
-    Raises:
-        InputError: the first bad case, as :func:`preprocess_case`.
-    """
-
-    def one(case: Case) -> PreprocessedCase:
-        if cache_dir:
-            from segmenter.cache import cached_case
-
-            return cached_case(
-                case, cache_dir, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
-                clip_percentiles=clip_percentiles, normalization=normalization,
-            )  # fmt: skip
-        return preprocess_case(
-            case, crop_to_nonzero=crop_to_nonzero, target_spacing=target_spacing,
-            clip_percentiles=clip_percentiles, normalization=normalization,
-        )  # fmt: skip
-
-    out: list[PreprocessedCase] = []
-    pool = ThreadPoolExecutor(max_workers=max(1, workers))
-    try:
-        with tqdm(total=len(cases), desc="preprocess", unit="case", disable=not progress) as bar:
-            for pre in pool.map(one, cases):
-                out.append(pre)
-                bar.update()
-    finally:
-        pool.shutdown(cancel_futures=True)  # on an error, do not read the remaining cases
-    return out
+        [img.array for img in images], label, images[0].affine, images[0].spacing,
+        case_id=case.case_id, spec=spec,
+    )  # fmt: skip
 
 
 __all__ = [
@@ -618,10 +524,8 @@ __all__ = [
     "nonzero_mask",
     "preprocess_arrays",
     "preprocess_case",
-    "preprocess_dataset",
     "read_case",
     "resample_hook",
     "uncrop",
     "normalise",
-    "normalization_from_plan",
 ]

@@ -232,16 +232,19 @@ def lesions_csv_text(results: list[CaseResult]) -> str:
     return buf.getvalue()
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
-    return str(v)
+def format_metric(value: Any, digits: int = 3, *, missing: str = "-") -> str:
+    """A metric for a printed table: floats with ``digits`` decimals (``nan`` for NaN),
+    ``missing`` for None, anything else as ``str``."""
+    if value is None:
+        return missing
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
 
 
 def format_table(summary: dict[str, Any], max_rows: int = 30) -> str:
     """Compact text table: one row per case (voxel Dice on the foreground, lesion counts)."""
+    fmt = format_metric
     head = ("case", "Dice", "HD95mm", "ref", "pred", "TP", "FP", "FN", "recall", "prec", "F1")
     rows: list[tuple[str, ...]] = []
     for entry in summary["metric_per_case"]:
@@ -250,9 +253,9 @@ def format_table(summary: dict[str, Any], max_rows: int = 30) -> str:
         les = entry["lesion"]
         rows.append(
             (
-                entry["case_id"], _fmt(nan_mean(dice)[0]), _fmt(nan_mean(hd)[0], 1),
+                entry["case_id"], fmt(nan_mean(dice)[0]), fmt(nan_mean(hd)[0], 1),
                 str(les["n_ref"]), str(les["n_pred"]), str(les["tp"]), str(les["fp"]),
-                str(les["fn"]), _fmt(les["recall"]), _fmt(les["precision"]), _fmt(les["f1"]),
+                str(les["fn"]), fmt(les["recall"]), fmt(les["precision"]), fmt(les["f1"]),
             )
         )  # fmt: skip
     if len(rows) > max_rows:
@@ -262,16 +265,16 @@ def format_table(summary: dict[str, Any], max_rows: int = 30) -> str:
     pooled = les["pooled"]
     rows.append(
         (
-            "mean", _fmt(fg["Dice"]), _fmt(fg["HD95"], 1), _fmt(les["n_ref"], 1),
-            _fmt(les["n_pred"], 1), _fmt(les["tp"], 1), _fmt(les["fp"], 1), _fmt(les["fn"], 1),
-            _fmt(les["recall"]), _fmt(les["precision"]), _fmt(les["f1"]),
+            "mean", fmt(fg["Dice"]), fmt(fg["HD95"], 1), fmt(les["n_ref"], 1),
+            fmt(les["n_pred"], 1), fmt(les["tp"], 1), fmt(les["fp"], 1), fmt(les["fn"], 1),
+            fmt(les["recall"]), fmt(les["precision"]), fmt(les["f1"]),
         )
     )  # fmt: skip
     rows.append(
         (
             "pooled", "", "", str(pooled["n_ref"]), str(pooled["n_pred"]), str(pooled["tp"]),
-            str(pooled["fp"]), str(pooled["fn"]), _fmt(pooled["recall"]),
-            _fmt(pooled["precision"]), _fmt(pooled["f1"]),
+            str(pooled["fp"]), str(pooled["fn"]), fmt(pooled["recall"]),
+            fmt(pooled["precision"]), fmt(pooled["f1"]),
         )
     )  # fmt: skip
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
@@ -288,7 +291,7 @@ def format_table(summary: dict[str, Any], max_rows: int = 30) -> str:
     bins = pooled["recall_by_size"]
     if bins:
         parts = [
-            f"{name}: {_fmt(b['recall'], 2)} ({int(b['detected'])}/{int(b['n'])})"
+            f"{name}: {fmt(b['recall'], 2)} ({int(b['detected'])}/{int(b['n'])})"
             for name, b in bins.items()
         ]
         lines.append("lesion recall by size (mm3, pooled): " + ", ".join(parts))

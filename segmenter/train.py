@@ -1,13 +1,22 @@
 """Training: ``fit(cfg, run_dir)`` as a few plain functions.
 
-One run trains one fold. Each epoch is a fixed number of optimiser steps on random patches
-(foreground-oversampled, augmented; :mod:`segmenter.sampling`); every ``val_every`` epochs the
-model predicts the held-out cases whole with the sliding window and is scored with lesion recall,
-lesion F1 and voxel Dice (not a patch pseudo-Dice); the best checkpoint is chosen by
-``train.best_metric``. A wall-clock budget (``train.max_minutes``) ends training at an epoch
-boundary, after a last validation, and the learning-rate schedule then runs on the budget's
-clock so it still decays to zero. ``--resume`` continues from ``last.pt`` exactly: same step,
-learning rate, optimiser state and the same patches (the loader is seeded per epoch).
+One run trains one fold:
+
+- **set-up**: preprocess the cases (through the cache), split them, write the run plan;
+  build the model, loss and optimiser;
+- **restore** (``--resume``): the :class:`~segmenter.train_state.TrainState` of ``last.pt``,
+  the weights, the optimiser and the RNG, so the run continues exactly (the loader is seeded
+  per epoch, so the patches are the same too);
+- **epoch**: a fixed number of optimiser steps on random patches (foreground-oversampled,
+  augmented; :mod:`segmenter.sampling`), the learning rate following
+  :mod:`segmenter.schedule`;
+- **validate and select** every ``val_every`` epochs: the held-out cases predicted whole and
+  scored with lesion recall, lesion F1 and voxel Dice (:mod:`segmenter.validation`); ``best.pt``
+  follows a moving average of ``train.best_metric``;
+- **end of epoch**: ``last.pt``, ``metrics.csv`` and the curves; a wall-clock budget
+  (``train.max_minutes``) ends training at an epoch boundary, after a last validation, and the
+  schedule then runs on the budget's clock so it still decays to zero;
+- **finish**: the threshold tuned on the best checkpoint's validation output.
 
 Run folder: ``config.yaml`` (resolved), ``splits.json``, ``plan.json``,
 ``checkpoints/{best,last}.pt``, ``metrics.csv`` (one row per epoch), ``summary.json`` and
@@ -17,49 +26,36 @@ Run folder: ``config.yaml`` (resolved), ``splits.json``, ``plan.json``,
 
 from __future__ import annotations
 
-import csv
-import io as _stdio
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from segmenter import metrics, report, tuning
-from segmenter.atomic import atomic_path, write_text
+from segmenter import plots, report, validation
+from segmenter.atomic import write_text
 from segmenter.checkpoint import load_checkpoint, save_checkpoint
-from segmenter.config import ChannelNormalization, Config, config_to_dict, save_config
+from segmenter.config import ChannelNormalization, Config, save_config
 from segmenter.data import Dataset, load_dataset
 from segmenter.errors import InputError
-from segmenter.inference import (
-    autocast,
-    autocast_dtype,
-    build_from_plan,
-    foreground_probability,
-    predict_logits,
-    resolve_device,
-)
+from segmenter.inference import autocast, autocast_dtype, build_from_plan, resolve_device
 from segmenter.losses import build_loss
-from segmenter.postprocess import probabilities_to_mask
-from segmenter.preprocess import PreprocessedCase, preprocess_dataset
+from segmenter.pipeline import preprocess_dataset
+from segmenter.prep_spec import PreprocessingSpec
+from segmenter.preprocess import PreprocessedCase
+from segmenter.run_plan import RunPlan
 from segmenter.sampling import make_loader
+from segmenter.schedule import build_optimizer, lr_factor
+from segmenter.splits import make_splits, resolve_dataset
+from segmenter.train_state import TrainState, history_csv, moving_average
 
 log = logging.getLogger(__name__)
-
-HISTORY_KEYS = (
-    "epoch", "step", "lr", "train_loss", "val_dice", "val_lesion_recall",
-    "val_lesion_precision", "val_lesion_f1", "val_ema", "epoch_s", "data_wait_s", "elapsed_s",
-)  # fmt: skip
-# best.pt follows an exponential moving average of the validation metric over validations (as
-# nnU-Net smooths its pseudo-Dice), so one lucky validation on few cases does not pick it.
-EMA_WEIGHT = 0.5
-BEST_KEYS = {"lesion_f1": "val_lesion_f1", "dice": "val_dice", "lesion_recall": "val_lesion_recall"}
 
 
 @dataclass(frozen=True)
@@ -76,243 +72,61 @@ class FitResult:
     data_wait_fraction: float
 
 
-def resolve_dataset(cfg: Config, cwd: Path | None = None) -> Path:
-    """The dataset folder of ``cfg`` (a relative path is taken from the working directory)."""
-    if not cfg.data.dataset:
-        raise InputError("data.dataset is not set (give it in the config or with --set)")
-    path = Path(cfg.data.dataset).expanduser()
-    return path if path.is_absolute() else (cwd or Path.cwd()) / path
+# ------------------------------------------------------------------------------ run plan
 
 
-def make_splits(
-    case_ids: Sequence[str], burdens: Sequence[float], n_folds: int, seed: int
-) -> list[dict[str, list[str]]]:
-    """K-fold split stratified by lesion burden (nnU-Net's ``splits_final.json`` shape).
-
-    Cases are sorted by burden (lesion-free first, ties shuffled with ``seed``) and dealt to the
-    folds in turn, so every fold gets lesion-free, light and heavy cases alike.
-    """
-    if len(case_ids) < n_folds:
-        raise InputError(
-            f"the dataset has {len(case_ids)} training cases, fewer than train.n_folds="
-            f"{n_folds}; lower train.n_folds"
-        )
-    rng = np.random.default_rng(seed)
-    jitter = rng.random(len(case_ids))
-    order = sorted(range(len(case_ids)), key=lambda i: (burdens[i], jitter[i]))
-    folds: list[list[str]] = [[] for _ in range(n_folds)]
-    start = int(rng.integers(n_folds))
-    for rank, i in enumerate(order):
-        folds[(start + rank) % n_folds].append(case_ids[i])
-    return [
-        {
-            "train": sorted(c for j, f in enumerate(folds) if j != k for c in f),
-            "val": sorted(folds[k]),
-        }
-        for k in range(n_folds)
-    ]
-
-
-def _normalization_record(dataset: Dataset, cfg: Config) -> list[dict[str, Any]]:
-    """Each channel's normalisation as predict must repeat it (``data.normalization``)."""
-    names = [dataset.channel_names[i] for i in sorted(dataset.channel_names)]
+def build_run_plan(
+    dataset: Dataset, cfg: Config, cases: Sequence[PreprocessedCase], fold: int | str
+) -> RunPlan:
+    """What predict must repeat: channels, labels, patch, preprocessing, output channels."""
+    names = tuple(str(dataset.channel_names[i]) for i in sorted(dataset.channel_names))
     schemes = cfg.data.normalization or tuple(ChannelNormalization() for _ in names)
-    return [
-        {**config_to_dict(n), "channel": n.channel or str(name)}
-        for name, n in zip(names, schemes, strict=False)
-    ]
-
-
-def build_plan(dataset: Dataset, cfg: Config, cases: Sequence[PreprocessedCase]) -> dict[str, Any]:
-    """What predict must repeat: channels, labels, patch, normalisation, output channels."""
+    normalization = tuple(
+        replace(n, channel=n.channel or name) for name, n in zip(names, schemes, strict=False)
+    )
     spacings = np.array([c.spacing for c in cases], dtype=np.float64)
-    return {
-        "dataset": dataset.name,
-        "channel_names": [dataset.channel_names[i] for i in sorted(dataset.channel_names)],
-        "labels": dict(dataset.labels),
-        "file_ending": dataset.file_ending,
-        "activation": cfg.loss.activation,
-        "out_channels": 1 if cfg.loss.activation == "sigmoid" else 2,
-        "foreground": "all labels > 0 are one lesion class",
-        "patch_size": list(cfg.data.patch_size),
-        "normalization": _normalization_record(dataset, cfg),
-        "crop_to_nonzero": cfg.data.crop_to_nonzero,
-        "median_spacing": [float(v) for v in np.median(spacings, axis=0)],
-        "clip_percentiles": (
-            None
-            if cfg.data.clip_percentiles is None
-            else [float(v) for v in cfg.data.clip_percentiles]
-        ),
-        "target_spacing": (
-            None if cfg.data.target_spacing is None else [float(v) for v in cfg.data.target_spacing]
-        ),
-        "threshold": cfg.inference.threshold,
-        "min_lesion_mm3": cfg.inference.min_lesion_mm3,
-    }
+    return RunPlan(
+        dataset=dataset.name,
+        channel_names=names,
+        labels=dict(dataset.labels),
+        file_ending=dataset.file_ending,
+        activation=cfg.loss.activation,
+        out_channels=1 if cfg.loss.activation == "sigmoid" else 2,
+        patch_size=(cfg.data.patch_size[0], cfg.data.patch_size[1], cfg.data.patch_size[2]),
+        preprocessing=replace(PreprocessingSpec.from_data(cfg.data), normalization=normalization),
+        median_spacing=tuple(float(v) for v in np.median(spacings, axis=0)),
+        threshold=cfg.inference.threshold,
+        min_lesion_mm3=cfg.inference.min_lesion_mm3,
+        fold=fold,
+    )
 
 
-def _lr_factor(cfg: Config, progress: float, step: int, warmup_steps: int) -> float:
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    p = min(max(progress, 0.0), 1.0)
-    if cfg.train.scheduler == "poly":
-        return (1.0 - p) ** 0.9
-    return 0.5 * (1.0 + math.cos(math.pi * p))
+def write_run_plan(plan: RunPlan, run: Path) -> None:
+    """``RUN/plan.json``."""
+    write_text(run / "plan.json", json.dumps(plan.to_json(), indent=2))
 
 
-def _optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=True,
-            weight_decay=t.weight_decay,
-        )  # fmt: skip
-    return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+# --------------------------------------------------------------------------------- set-up
 
 
-def validate(
-    model: torch.nn.Module,
-    cases: Sequence[PreprocessedCase],
-    cfg: Config,
-    plan: dict[str, Any],
-    *,
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> tuple[dict[str, Any], list[report.CaseResult], list[np.ndarray]]:
-    """Predict held-out cases whole (sliding window, no TTA) and score them.
+@dataclass
+class _Session:
+    """What set-up builds: fixed for the whole run (the plan gains its tuned threshold)."""
 
-    Returns:
-        The ``summary.json`` structure, the per-case results and the foreground probability
-        maps (cropped grids), which threshold tuning reuses for the best checkpoint.
-    """
-    rule = metrics.PRESETS[cfg.evaluation.preset]
-    results = []
-    probs = validation_probabilities(model, cases, cfg, plan, device=device, dtype=dtype)
-    for case, prob in zip(cases, probs, strict=True):
-        pred = probabilities_to_mask(
-            prob, case.spacing, threshold=cfg.inference.threshold,
-            min_lesion_mm3=cfg.inference.min_lesion_mm3,
-        )  # fmt: skip
-        ref = (case.label > 0).astype(np.uint8) if case.label is not None else np.zeros_like(pred)
-        pair = report.CasePair(case.case_id, Path(f"validation/{case.case_id}"), Path(case.case_id))
-        results.append(
-            report.measure_case(
-                pair, pred, ref, case.spacing, case.crop_affine, rule,
-                cfg.evaluation.size_bins_mm3, labels=[1],
-            )
-        )  # fmt: skip
-    return report.summarise(results, cfg.evaluation.preset, rule), results, probs
+    cfg: Config
+    run: Path
+    device: torch.device
+    dtype: torch.dtype | None
+    plan: RunPlan
+    train_cases: list[PreprocessedCase]
+    val_cases: list[PreprocessedCase]
+    model: Any
+    step: TrainStep
 
-
-def validation_probabilities(
-    model: torch.nn.Module,
-    cases: Sequence[PreprocessedCase],
-    cfg: Config,
-    plan: dict[str, Any],
-    *,
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> list[np.ndarray]:
-    """Foreground probabilities ``(X, Y, Z)`` of whole preprocessed cases (no TTA)."""
-    model.eval()
-    probs = []
-    for case in cases:
-        logits = predict_logits(
-            model, case.image, tuple(plan["patch_size"]), cfg.inference, device=device,
-            dtype=dtype, tta=False,
-        )  # fmt: skip
-        probs.append(foreground_probability(logits, plan["activation"]))
-    model.train()
-    return probs
-
-
-THRESHOLD_GRID = tuning.THRESHOLDS  # 0.10 .. 0.90
-
-
-def tune_threshold(
-    probabilities: Sequence[np.ndarray],
-    references: Sequence[np.ndarray],
-    spacings: Sequence[tuple[float, ...]],
-    cfg: Config,
-    grid: Sequence[float] = THRESHOLD_GRID,
-) -> tuple[float, list[dict[str, float]]]:
-    """The threshold with the best mean of pooled lesion F1 and voxel Dice (ties: nearer 0.5),
-    at the config's minimum lesion size (:func:`segmenter.tuning.grid_search`).
-
-    Args:
-        probabilities: per case ``(X, Y, Z)`` foreground probabilities.
-        references: per case ``(X, Y, Z)`` binary references.
-        spacings: voxel sizes in mm.
-        cfg: supplies the lesion rule and minimum lesion size.
-        grid: thresholds to try.
-
-    Returns:
-        The chosen threshold and one row per threshold (threshold, f1, recall, precision, dice,
-        criterion, min_lesion_mm3).
-    """
-    best, rows = tuning.grid_search(
-        probabilities, references, spacings, metrics.PRESETS[cfg.evaluation.preset],
-        thresholds=grid, min_sizes_mm3=(cfg.inference.min_lesion_mm3,),
-    )  # fmt: skip
-    return float(best["threshold"]), rows
-
-
-def _ema(previous: float | None, value: float) -> float | None:
-    """Moving average of the selection metric; NaN validations leave it unchanged."""
-    if math.isnan(value):
-        return previous
-    return value if previous is None else EMA_WEIGHT * previous + (1.0 - EMA_WEIGHT) * value
-
-
-def _score(summary: dict[str, Any]) -> dict[str, float]:
-    pooled = summary["lesion"]["pooled"]
-    return {
-        "val_dice": float(summary["foreground_mean"]["Dice"]),
-        "val_lesion_recall": float(pooled["recall"]),
-        "val_lesion_precision": float(pooled["precision"]),
-        "val_lesion_f1": float(pooled["f1"]),
-    }
-
-
-def _history_csv(history: list[dict[str, float]]) -> str:
-    buf = _stdio.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(HISTORY_KEYS), lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: ("" if _isnan(row.get(k)) else row.get(k)) for k in HISTORY_KEYS})
-    return buf.getvalue()
-
-
-def _isnan(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    """Training loss and validation metrics per epoch as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_yscale("log")
-    ax_loss.legend()
-    for key, label in (("val_dice", "Dice"), ("val_lesion_recall", "lesion recall"),
-                       ("val_lesion_f1", "lesion F1")):  # fmt: skip
-        pts = [(h["epoch"], h[key]) for h in history if not _isnan(h.get(key))]
-        if pts:
-            ax_val.plot(*zip(*pts, strict=True), marker="o", label=label)
-    ax_val.set_xlabel("epoch")
-    ax_val.set_ylim(0, 1)
-    if ax_val.lines:
-        ax_val.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    def save(self, name: str, state: TrainState) -> None:
+        """``checkpoints/{name}.pt`` holding ``state`` and the current weights."""
+        payload = state.checkpoint(self.model, self.step.optimizer, self.cfg, self.plan)
+        save_checkpoint(self.run / "checkpoints" / f"{name}.pt", payload)
 
 
 def _training_dataset(cfg: Config, fold: int | str) -> Dataset:
@@ -332,31 +146,202 @@ def _training_dataset(cfg: Config, fold: int | str) -> Dataset:
     return dataset
 
 
-def _prepare(
-    cfg: Config, dataset: Dataset, run: Path, fold: int | str, progress: bool
-) -> tuple[dict[str, Any], list[PreprocessedCase], list[PreprocessedCase]]:
-    cases = preprocess_dataset(
-        dataset.training, crop_to_nonzero=cfg.data.crop_to_nonzero,
-        target_spacing=cfg.data.target_spacing, clip_percentiles=cfg.data.clip_percentiles,
-        normalization=cfg.data.normalization, cache_dir=cfg.data.cache_dir or None,
-        workers=2, progress=progress,
-    )  # fmt: skip
+def _split_cases(
+    cfg: Config, cases: list[PreprocessedCase], fold: int | str
+) -> tuple[list[dict[str, list[str]]], list[PreprocessedCase], list[PreprocessedCase]]:
+    """All folds' splits and this fold's training and validation cases."""
     ids = [c.case_id for c in cases]
-    burdens = [float((c.label > 0).mean()) if c.label is not None else 0.0 for c in cases]
     if fold == "all":
-        split = {"train": sorted(ids), "val": sorted(ids)}
-        splits = [split]
+        splits = [{"train": sorted(ids), "val": sorted(ids)}]
+        split = splits[0]
     else:
+        burdens = [float((c.label > 0).mean()) if c.label is not None else 0.0 for c in cases]
         splits = make_splits(ids, burdens, cfg.train.n_folds, cfg.train.seed)
         split = splits[int(fold)]
     by_id = {c.case_id: c for c in cases}
-    train_cases = [by_id[c] for c in split["train"]]
-    val_cases = [by_id[c] for c in split["val"]]
-    plan = build_plan(dataset, cfg, cases)
-    plan["fold"] = fold
+    return splits, [by_id[c] for c in split["train"]], [by_id[c] for c in split["val"]]
+
+
+def _set_up(
+    cfg: Config, dataset: Dataset, run: Path, *, fold: int | str, progress: bool
+) -> _Session:
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    dtype = autocast_dtype(t.precision, device)
+    if device.type == "cpu":
+        tune_allocator()
+    save_config(cfg, run / "config.yaml")
+    cases = preprocess_dataset(
+        dataset.training, PreprocessingSpec.from_data(cfg.data),
+        cache_dir=cfg.data.cache_dir or None, workers=2, progress=progress,
+    )  # fmt: skip
+    splits, train_cases, val_cases = _split_cases(cfg, cases, fold)
+    plan = build_run_plan(dataset, cfg, cases, fold)
     write_text(run / "splits.json", json.dumps(splits, indent=2))
-    write_text(run / "plan.json", json.dumps(plan, indent=2))
-    return plan, train_cases, val_cases
+    write_run_plan(plan, run)
+    log.info(
+        "fold %s: %d training, %d validation cases; device %s, autocast %s",
+        fold, len(train_cases), len(val_cases), device, dtype,
+    )  # fmt: skip
+    torch.manual_seed(t.seed)
+    model = build_from_plan(cfg, plan).place(device)
+    return _Session(
+        cfg=cfg, run=run, device=device, dtype=dtype, plan=plan, train_cases=train_cases,
+        val_cases=val_cases, model=model,
+        step=TrainStep(
+            cfg=cfg, model=model, loss_fn=build_loss(cfg.loss),
+            optimizer=build_optimizer(t, model), device=device, dtype=dtype,
+            scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+        ),
+    )  # fmt: skip
+
+
+def _restore(session: _Session) -> TrainState:
+    """The state of ``last.pt``, its weights, optimiser and RNG loaded into the session."""
+    ckpt = load_checkpoint(session.run / "checkpoints" / "last.pt", map_location=session.device)
+    session.model.load_state_dict(ckpt["model"])
+    session.step.optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    state = TrainState.from_checkpoint(ckpt)
+    log.info("resumed from epoch %d, step %d", state.epoch, state.step)
+    return state
+
+
+# ---------------------------------------------------------------------------------- epochs
+
+
+@dataclass
+class _Clock:
+    """Wall-clock bookkeeping: the budget, the seconds spent waiting for data and validating."""
+
+    started: float
+    budget: float | None
+    first_step: int
+    session_start: float = field(default_factory=time.perf_counter)
+    val_seconds: float = 0.0
+    wait_total: float = 0.0
+    step_total: float = 0.0
+
+    @classmethod
+    def start(cls, cfg: Config, state: TrainState) -> _Clock:
+        budget = cfg.train.max_minutes * 60.0 if cfg.train.max_minutes else None
+        return cls(time.perf_counter() - state.elapsed_s, budget, state.step)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def time_progress(self) -> float:
+        return self.elapsed() / self.budget if self.budget else 0.0
+
+    def over_budget_after(self, epoch_s: float) -> bool:
+        """Whether another epoch and validation would pass the budget."""
+        return self.budget is not None and self.elapsed() + epoch_s + self.val_seconds > self.budget
+
+
+def _epoch_batches(session: _Session, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The epoch's batches. One loader per epoch, seeded by the epoch number (what makes
+    --resume exact); its iterator starts the workers at once, so the next epoch's is made one
+    epoch early and its first batches are ready when that epoch starts."""
+    cfg = session.cfg
+    seed = cfg.train.seed * 100_003 + epoch
+    return iter(make_loader(session.train_cases, cfg.data, cfg.augment, seed=seed))
+
+
+def _train_epoch(
+    session: _Session,
+    state: TrainState,
+    batches: Iterator[dict[str, torch.Tensor]],
+    clock: _Clock,
+    *,
+    bar: Any,
+) -> dict[str, float]:
+    """One epoch of optimiser steps; ``state.step`` and ``state.epoch`` advance. Returns the
+    epoch's ``metrics.csv`` row so far."""
+    t = session.cfg.train
+    total_steps = t.epochs * t.iterations_per_epoch
+    epoch_start = time.perf_counter()
+    losses, wait, lr = [], 0.0, t.lr
+    for _ in range(t.iterations_per_epoch):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        progress = max(state.step / total_steps, clock.time_progress())
+        lr = t.lr * lr_factor(t, progress, state.step, t.warmup_epochs * t.iterations_per_epoch)
+        for group in session.step.optimizer.param_groups:
+            group["lr"] = lr
+        loss = session.step(batch)
+        losses.append(loss)
+        state.step += 1
+        if bar is not None:
+            bar.update(1)
+            best = state.best_metric if math.isfinite(state.best_metric) else None
+            bar.set_postfix(loss=f"{loss:.4f}", f1=report.format_metric(best), refresh=False)
+    state.epoch += 1
+    epoch_s = time.perf_counter() - epoch_start
+    clock.wait_total += wait
+    clock.step_total += epoch_s
+    return {
+        "epoch": state.epoch, "step": state.step, "lr": lr,
+        "train_loss": float(np.mean(losses)), "epoch_s": epoch_s, "data_wait_s": wait,
+    }  # fmt: skip
+
+
+def _validate_and_select(
+    session: _Session, state: TrainState, row: dict[str, float], clock: _Clock
+) -> list[np.ndarray] | None:
+    """Validate, add the scores and their moving average to ``row``, and save ``best.pt``
+    (and the validation report) when the average improved. Returns the validation
+    probabilities when they became the best, else None."""
+    cfg = session.cfg
+    v0 = time.perf_counter()
+    probs = validation.validation_probabilities(
+        session.model, session.val_cases, cfg, session.plan, device=session.device,
+        dtype=session.dtype,
+    )  # fmt: skip
+    summary, results = validation.score_cases(session.val_cases, probs, cfg)
+    clock.val_seconds = time.perf_counter() - v0
+    row.update(validation.validation_scores(summary))
+    row["val_ema"] = moving_average(state.ema, row[validation.BEST_KEYS[cfg.train.best_metric]])
+    log.info(
+        "epoch %d: loss %.4f, val Dice %.3f, lesion recall %.3f, precision %.3f, F1 %.3f",
+        state.epoch, row["train_loss"], row["val_dice"], row["val_lesion_recall"],
+        row["val_lesion_precision"], row["val_lesion_f1"],
+    )  # fmt: skip
+    value = row["val_ema"] if row["val_ema"] is not None else math.nan
+    if math.isnan(value) or not value > state.best_metric:
+        return None
+    state.best_metric, state.best_epoch = value, state.epoch
+    best = replace(state, elapsed_s=clock.elapsed(), history=[*state.history, row])
+    session.save("best", best)
+    report.write_report(results, summary, session.run)
+    return probs
+
+
+def _end_epoch(session: _Session, state: TrainState, row: dict[str, float], clock: _Clock) -> None:
+    """Append the row; write ``last.pt``, ``metrics.csv`` and the curves."""
+    row["elapsed_s"] = clock.elapsed()
+    state.history.append(row)
+    state.elapsed_s = row["elapsed_s"]
+    session.save("last", state)
+    write_text(session.run / "metrics.csv", history_csv(state.history))
+    plots.run_curves(state.history, session.run / "training_curves.png")
+
+
+def _update_eta(bar: Any, state: TrainState, clock: _Clock, total_steps: int) -> None:
+    """Under a budget the bar's total follows the steps the remaining time allows."""
+    if bar is None or clock.budget is None:
+        return
+    seconds_per_step = (time.perf_counter() - clock.session_start) / max(
+        state.step - clock.first_step, 1
+    )
+    steps_left = max(clock.budget - clock.elapsed(), 0.0) / seconds_per_step
+    bar.total = min(total_steps, state.step + int(steps_left))
+    bar.refresh()
+
+
+# ---------------------------------------------------------------------------------- the loop
 
 
 def fit(
@@ -395,10 +380,144 @@ def fit(
     pkg_log = logging.getLogger("segmenter")
     pkg_log.addHandler(handler)
     try:
-        return _fit(cfg, dataset, run, fold, resume, progress, should_stop)
+        session = _set_up(cfg, dataset, run, fold=fold, progress=progress)
+        state = _restore(session) if resume else TrainState()
+        return _train(session, state, progress=progress, should_stop=should_stop)
     finally:
         pkg_log.removeHandler(handler)
         handler.close()
+
+
+def _train(
+    session: _Session,
+    state: TrainState,
+    *,
+    progress: bool,
+    should_stop: Callable[[int], bool] | None,
+) -> FitResult:
+    t = session.cfg.train
+    total_steps = t.epochs * t.iterations_per_epoch
+    clock = _Clock.start(session.cfg, state)
+    bar = _bar(progress, total_steps, state.step)
+    best_probs: list[np.ndarray] | None = None  # validation probabilities of best.pt
+    stopped_by_budget = False
+    session.model.train()
+    upcoming = _epoch_batches(session, state.epoch) if state.epoch < t.epochs else None
+    while state.epoch < t.epochs:
+        assert upcoming is not None
+        batches = upcoming
+        upcoming = _epoch_batches(session, state.epoch + 1) if state.epoch + 1 < t.epochs else None
+        row = _train_epoch(session, state, batches, clock, bar=bar)
+        del batches
+        stop_now = clock.over_budget_after(row["epoch_s"])
+        _update_eta(bar, state, clock, total_steps)
+        if state.epoch % t.val_every == 0 or state.epoch == t.epochs or stop_now:
+            best_probs = _validate_and_select(session, state, row, clock) or best_probs
+        else:
+            log.info("epoch %d: loss %.4f", state.epoch, row["train_loss"])
+        _end_epoch(session, state, row, clock)
+        if stop_now and state.epoch < t.epochs:
+            stopped_by_budget = True
+            log.info("wall-clock budget of %.1f min reached after epoch %d", t.max_minutes,
+                     state.epoch)  # fmt: skip
+            break
+        if should_stop is not None and should_stop(state.epoch):
+            log.info("stopped on request after epoch %d", state.epoch)
+            break
+    del upcoming  # an unused next-epoch loader: stop its workers
+    if bar is not None:
+        bar.close()
+    _finish(session, state, best_probs)
+    seconds = clock.elapsed()
+    wait_fraction = clock.wait_total / clock.step_total if clock.step_total else 0.0
+    log.info(
+        "done: %d epochs, best %s %.4f at epoch %d, %.1f s; the step waited for data %.1f%% "
+        "of the training time",
+        state.epoch, t.best_metric, state.best_metric, state.best_epoch, seconds,
+        100 * wait_fraction,
+    )  # fmt: skip
+    return FitResult(
+        run_dir=session.run, epochs=state.epoch, steps=state.step, best_epoch=state.best_epoch,
+        best_metric=state.best_metric, stopped_by_budget=stopped_by_budget, seconds=seconds,
+        data_wait_fraction=wait_fraction,
+    )  # fmt: skip
+
+
+def _finish(session: _Session, state: TrainState, best_probs: list[np.ndarray] | None) -> None:
+    """``best.pt`` exists; predict's default threshold tuned on it when asked."""
+    checkpoints = session.run / "checkpoints"
+    if state.best_epoch < 0:  # no validation ever scored (e.g. no lesions anywhere): keep last
+        save_checkpoint(checkpoints / "best.pt", load_checkpoint(checkpoints / "last.pt"))
+    if not (session.cfg.train.tune_threshold and session.val_cases and state.best_epoch >= 0):
+        return
+    best = load_checkpoint(checkpoints / "best.pt", map_location=session.device)
+    if best_probs is None:  # after a resume: recompute them from best.pt
+        session.model.load_state_dict(best["model"])
+        best_probs = validation.validation_probabilities(
+            session.model, session.val_cases, session.cfg, session.plan, device=session.device,
+            dtype=session.dtype,
+        )  # fmt: skip
+    session.plan = validation.plan_with_tuned_threshold(
+        session.plan, session.val_cases, best_probs, session.cfg
+    )
+    for name in ("best", "last"):
+        ckpt = best if name == "best" else load_checkpoint(checkpoints / f"{name}.pt")
+        save_checkpoint(checkpoints / f"{name}.pt", {**ckpt, "plan": session.plan.to_json()})
+    write_run_plan(session.plan, session.run)
+
+
+# ------------------------------------------------------------------------------------ steps
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One optimiser step on a batch (call it with the batch; returns the loss).
+
+    Attributes:
+        cfg: supplies the activation (softmax targets get a background channel) and
+            ``train.grad_clip``.
+        model: the network, in train mode, returning logits (a list under deep supervision).
+        loss_fn: logits-first loss.
+        optimizer: the optimiser.
+        device: where the batch goes.
+        dtype: autocast dtype, or None for float32.
+        scaler: a GradScaler for fp16 autocast, else None.
+    """
+
+    cfg: Config
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> float:
+        """Args: ``batch``: ``image`` ``(B, C, X, Y, Z)`` float, ``label`` ``(B, 1, X, Y, Z)``
+        in {0, 1}."""
+        optimizer, scaler = self.optimizer, self.scaler
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        if self.cfg.loss.activation == "softmax":
+            y = torch.cat([1.0 - y, y], dim=1)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, self.dtype):
+            out = self.model(x)
+        out = [o.float() for o in out] if isinstance(out, list | tuple) else out.float()
+        loss = self.loss_fn(out, y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return float(loss.detach())
 
 
 def tune_allocator() -> bool:
@@ -421,212 +540,6 @@ def tune_allocator() -> bool:
         return False
 
 
-def _fit(
-    cfg: Config,
-    dataset: Dataset,
-    run: Path,
-    fold: int | str,
-    resume: bool,
-    progress: bool,
-    should_stop: Callable[[int], bool] | None,
-) -> FitResult:
-    t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
-    dtype = autocast_dtype(t.precision, device)
-    if device.type == "cpu":
-        tune_allocator()
-    save_config(cfg, run / "config.yaml")
-    plan, train_cases, val_cases = _prepare(cfg, dataset, run, fold, progress)
-    log.info(
-        "fold %s: %d training, %d validation cases; device %s, autocast %s",
-        fold, len(train_cases), len(val_cases), device, dtype,
-    )  # fmt: skip
-
-    torch.manual_seed(t.seed)
-    model = build_from_plan(cfg, plan).place(device)
-    loss_fn = build_loss(cfg.loss)
-    optimizer = _optimizer(cfg, model)
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    epoch, step, elapsed = 0, 0, 0.0
-    best, best_epoch = -math.inf, -1
-    history: list[dict[str, float]] = []
-    ema: float | None = None
-    best_probs: list[np.ndarray] | None = None  # validation probabilities of best.pt
-    if resume:
-        state = load_checkpoint(run / "checkpoints" / "last.pt", map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step = int(state["epoch"]), int(state["step"])
-        elapsed = float(state["scheduler"]["elapsed_s"])
-        best, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
-        history = [dict(h) for h in state["history"]]
-        ema = next((h["val_ema"] for h in reversed(history) if "val_ema" in h), None)
-        torch.set_rng_state(state["rng"]["torch"])
-        log.info("resumed from epoch %d, step %d", epoch, step)
-
-    iters = t.iterations_per_epoch
-    total_steps = t.epochs * iters
-    warmup_steps = t.warmup_epochs * iters
-    budget = t.max_minutes * 60.0 if t.max_minutes else None
-    best_key = BEST_KEYS[t.best_metric]
-    bar = _bar(progress, total_steps, step)
-    started = time.perf_counter() - elapsed
-    session_start, first_step = time.perf_counter(), step
-    stopped_by_budget = False
-    wait_total, step_total = 0.0, 0.0
-    val_seconds = 0.0
-    model.train()
-
-    def epoch_batches(e: int) -> Iterator[dict[str, torch.Tensor]]:
-        # One loader per epoch, seeded by the epoch number (what makes --resume exact). Its
-        # iterator starts the workers at once, so the next epoch's is made one epoch early
-        # and its first batches are ready when that epoch starts.
-        return iter(make_loader(train_cases, cfg.data, cfg.augment, seed=t.seed * 100_003 + e))
-
-    upcoming = epoch_batches(epoch) if epoch < t.epochs else None
-    while epoch < t.epochs:
-        epoch_start = time.perf_counter()
-        assert upcoming is not None
-        batches = upcoming
-        upcoming = epoch_batches(epoch + 1) if epoch + 1 < t.epochs else None
-        losses, wait = [], 0.0
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            wait += time.perf_counter() - t0
-            time_progress = (time.perf_counter() - started) / budget if budget else 0.0
-            lr = t.lr * _lr_factor(cfg, max(step / total_steps, time_progress), step, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = _train_step(model, loss_fn, optimizer, scaler, batch, cfg, device, dtype)
-            losses.append(loss)
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", f1=_fmt(best), refresh=False)
-        del batches
-        epoch += 1
-        epoch_s = time.perf_counter() - epoch_start
-        wait_total += wait
-        step_total += epoch_s
-        elapsed_now = time.perf_counter() - started
-        stop_now = budget is not None and (elapsed_now + epoch_s + val_seconds > budget)
-        if bar is not None and budget is not None:  # the ETA follows the wall-clock budget
-            seconds_per_step = (time.perf_counter() - session_start) / max(step - first_step, 1)
-            steps_left = max(budget - elapsed_now, 0.0) / seconds_per_step
-            bar.total = min(total_steps, step + int(steps_left))
-            bar.refresh()
-        row: dict[str, float] = {
-            "epoch": epoch, "step": step, "lr": lr, "train_loss": float(np.mean(losses)),
-            "epoch_s": epoch_s, "data_wait_s": wait,
-        }  # fmt: skip
-        if epoch % t.val_every == 0 or epoch == t.epochs or stop_now:
-            v0 = time.perf_counter()
-            summary, results, probs = validate(
-                model, val_cases, cfg, plan, device=device, dtype=dtype
-            )
-            val_seconds = time.perf_counter() - v0
-            row.update(_score(summary))
-            ema = _ema(ema, row[best_key])
-            row["val_ema"] = ema
-            value = ema if ema is not None else math.nan
-            if not math.isnan(value) and value > best:
-                best, best_epoch = value, epoch
-                _save(run / "checkpoints" / "best.pt", model, optimizer, cfg, plan, epoch, step,
-                      time.perf_counter() - started, best, best_epoch, history + [row])  # fmt: skip
-                report.write_report(results, summary, run)
-                best_probs = probs
-            log.info(
-                "epoch %d: loss %.4f, val Dice %.3f, lesion recall %.3f, precision %.3f, F1 %.3f",
-                epoch, row["train_loss"], row["val_dice"], row["val_lesion_recall"],
-                row["val_lesion_precision"], row["val_lesion_f1"],
-            )  # fmt: skip
-        else:
-            log.info("epoch %d: loss %.4f", epoch, row["train_loss"])
-        row["elapsed_s"] = time.perf_counter() - started
-        history.append(row)
-        _save(run / "checkpoints" / "last.pt", model, optimizer, cfg, plan, epoch, step,
-              row["elapsed_s"], best, best_epoch, history)  # fmt: skip
-        write_text(run / "metrics.csv", _history_csv(history))
-        plot_curves(history, run / "training_curves.png")
-        if stop_now and epoch < t.epochs:
-            stopped_by_budget = True
-            log.info("wall-clock budget of %.1f min reached after epoch %d", t.max_minutes, epoch)
-            break
-        if should_stop is not None and should_stop(epoch):
-            log.info("stopped on request after epoch %d", epoch)
-            break
-    del upcoming  # an unused next-epoch loader: stop its workers
-    if bar is not None:
-        bar.close()
-    if best_epoch < 0:  # no validation ever scored (e.g. no lesions anywhere): keep the last
-        last = load_checkpoint(run / "checkpoints" / "last.pt")
-        save_checkpoint(run / "checkpoints" / "best.pt", last)
-    if t.tune_threshold and val_cases and best_epoch >= 0:
-        _tune_and_store_threshold(
-            model, val_cases, best_probs, cfg, plan, run, device=device, dtype=dtype
-        )
-    seconds = time.perf_counter() - started
-    wait_fraction = wait_total / step_total if step_total else 0.0
-    log.info(
-        "done: %d epochs, best %s %.4f at epoch %d, %.1f s; the step waited for data %.1f%% "
-        "of the training time",
-        epoch, t.best_metric, best, best_epoch, seconds, 100 * wait_fraction,
-    )  # fmt: skip
-    return FitResult(run, epoch, step, best_epoch, best, stopped_by_budget, seconds, wait_fraction)
-
-
-def _tune_and_store_threshold(
-    model: torch.nn.Module,
-    val_cases: Sequence[PreprocessedCase],
-    probs: list[np.ndarray] | None,
-    cfg: Config,
-    plan: dict[str, Any],
-    run: Path,
-    *,
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> None:
-    """Tune predict's default threshold on the best checkpoint's validation probabilities
-    (kept from the validation that saved ``best.pt``; recomputed only after a resume)."""
-    state = load_checkpoint(run / "checkpoints" / "best.pt", map_location=device)
-    if probs is None:
-        model.load_state_dict(state["model"])
-        probs = validation_probabilities(model, val_cases, cfg, plan, device=device, dtype=dtype)
-    refs = [
-        (c.label > 0).astype(np.uint8)
-        if c.label is not None
-        else np.zeros(c.image.shape[1:], np.uint8)
-        for c in val_cases
-    ]
-    threshold, rows = tune_threshold(probs, refs, [c.spacing for c in val_cases], cfg)
-    chosen = next(r for r in rows if r["threshold"] == threshold)
-    default = min(rows, key=lambda r: abs(r["threshold"] - cfg.inference.threshold))
-    log.info(
-        "threshold tuned on %d validation cases: %.2f (lesion F1 %.3f, Dice %.3f) instead of "
-        "%.2f (lesion F1 %.3f, Dice %.3f)",
-        len(val_cases), threshold, chosen["f1"], chosen["dice"], default["threshold"],
-        default["f1"], default["dice"],
-    )  # fmt: skip
-    plan["threshold"] = threshold
-    plan["threshold_tuning"] = {
-        "criterion": "mean of pooled lesion F1 and mean voxel Dice",
-        "tta": False,
-        "rows": rows,
-    }
-    for name in ("best", "last"):
-        path = run / "checkpoints" / f"{name}.pt"
-        ckpt = state if name == "best" else load_checkpoint(path)
-        save_checkpoint(path, {**ckpt, "plan": plan})
-    write_text(run / "plan.json", json.dumps(plan, indent=2))
-
-
-def _fmt(v: float) -> str:
-    return "-" if not math.isfinite(v) else f"{v:.3f}"
-
-
 def _bar(progress: bool, total: int, initial: int) -> Any:
     if not progress:
         return None
@@ -637,66 +550,4 @@ def _bar(progress: bool, total: int, initial: int) -> Any:
     return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr)
 
 
-def _train_step(
-    model: torch.nn.Module,
-    loss_fn: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    batch: dict[str, torch.Tensor],
-    cfg: Config,
-    device: torch.device,
-    dtype: torch.dtype | None,
-) -> float:
-    x = batch["image"].to(device, non_blocking=True)
-    y = batch["label"].to(device, non_blocking=True)
-    if cfg.loss.activation == "softmax":
-        y = torch.cat([1.0 - y, y], dim=1)
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(device, dtype):
-        out = model(x)
-    out = [o.float() for o in out] if isinstance(out, list | tuple) else out.float()
-    loss = loss_fn(out, y)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
-    if cfg.train.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    return float(loss.detach())
-
-
-def _save(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: Config,
-    plan: dict[str, Any],
-    epoch: int,
-    step: int,
-    elapsed: float,
-    best: float,
-    best_epoch: int,
-    history: list[dict[str, float]],
-) -> None:
-    save_checkpoint(
-        path,
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"kind": cfg.train.scheduler, "elapsed_s": float(elapsed)},
-            "epoch": epoch,
-            "step": step,
-            "best_metric": float(best),
-            "best_epoch": best_epoch,
-            "history": history,
-            "config": config_to_dict(cfg),
-            "plan": plan,
-            "rng": {"torch": torch.get_rng_state()},
-        },
-    )
+__all__ = ["FitResult", "TrainStep", "build_run_plan", "fit", "tune_allocator", "write_run_plan"]

@@ -38,6 +38,35 @@ MIN_SIZE_FRACTION = 0.1
 CRITERION = "mean of pooled lesion F1 and mean voxel Dice"
 
 
+def masks_at(
+    probabilities: Sequence[np.ndarray],
+    spacings: Sequence[Sequence[float]],
+    threshold: float,
+    min_lesion_mm3: float,
+) -> list[np.ndarray]:
+    """Each case's ``(X, Y, Z)`` probabilities thresholded, lesions below the size removed."""
+    return [
+        probabilities_to_mask(p, s, threshold=threshold, min_lesion_mm3=min_lesion_mm3)
+        for p, s in zip(probabilities, spacings, strict=True)
+    ]
+
+
+def lesion_counts(
+    masks: Sequence[np.ndarray],
+    references: Sequence[np.ndarray],
+    spacings: Sequence[Sequence[float]],
+    rule: LesionRule,
+) -> dict[str, int]:
+    """Lesion counts summed over cases: ``tp``, ``fp``, ``fn`` (reference side) and
+    ``tp_pred``, ``n_pred`` (predicted side)."""
+    counts = dict.fromkeys(("tp", "fp", "fn", "tp_pred", "n_pred"), 0)
+    for pred, ref, spacing in zip(masks, references, spacings, strict=True):
+        s = metrics.lesion_metrics(pred, ref, spacing, rule=rule).summary
+        for key in counts:
+            counts[key] += s[key]
+    return counts
+
+
 def score(
     masks: Sequence[np.ndarray],
     references: Sequence[np.ndarray],
@@ -45,15 +74,10 @@ def score(
     rule: LesionRule,
 ) -> dict[str, float]:
     """Pooled lesion recall / precision / F1, mean Dice, and the criterion, over cases."""
-    tp = fp = fn = tp_pred = n_pred = 0
-    dices = []
-    for pred, ref, spacing in zip(masks, references, spacings, strict=True):
-        s = metrics.lesion_metrics(pred, ref, spacing, rule=rule).summary
-        tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
-        tp_pred, n_pred = tp_pred + s["tp_pred"], n_pred + s["n_pred"]
-        d = metrics.dice(pred, ref)
-        if not math.isnan(d):
-            dices.append(d)
+    c = lesion_counts(masks, references, spacings, rule)
+    tp, fp, fn = c["tp"], c["fp"], c["fn"]
+    dices = [d for d in (metrics.dice(p, r) for p, r in zip(masks, references, strict=True))
+             if not math.isnan(d)]  # fmt: skip
     denom = tp + 0.5 * (fp + fn)
     f1 = tp / denom if denom else math.nan
     dice = float(np.mean(dices)) if dices else math.nan
@@ -61,7 +85,7 @@ def score(
     return {
         "f1": f1,
         "recall": tp / (tp + fn) if tp + fn else math.nan,
-        "precision": tp_pred / n_pred if n_pred else math.nan,
+        "precision": c["tp_pred"] / c["n_pred"] if c["n_pred"] else math.nan,
         "dice": dice,
         "criterion": round(0.5 * (both[0] + both[1]), 6),
     }

@@ -12,9 +12,12 @@ import pytest
 from segmenter.cache import cache_key, cached_case
 from segmenter.config import ChannelNormalization, load_config
 from segmenter.data import load_dataset
+from segmenter.prep_spec import PreprocessingSpec
 from segmenter.preprocess import preprocess_case
 from segmenter.synthetic import PhantomSpec, write_dataset
 from segmenter.train import fit
+
+ONE_MM = PreprocessingSpec(target_spacing=(1.0, 1.0, 1.0))
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +30,11 @@ def test_cached_case_equals_preprocessing_and_is_memory_mapped(
     dataset: Path, tmp_path: Path
 ) -> None:
     case = load_dataset(dataset).training[0]
-    fresh = preprocess_case(case, target_spacing=(1.0, 1.0, 1.0))
-    first = cached_case(case, tmp_path, target_spacing=(1.0, 1.0, 1.0))
+    fresh = preprocess_case(case, ONE_MM)
+    first = cached_case(case, tmp_path, ONE_MM)
     (folder,) = list(tmp_path.iterdir())
     assert folder.name.startswith(case.case_id) and (folder / "meta.json").is_file()
-    again = cached_case(case, tmp_path, target_spacing=(1.0, 1.0, 1.0))
+    again = cached_case(case, tmp_path, ONE_MM)
     for pre in (first, again):
         assert isinstance(pre.image, np.memmap) and isinstance(pre.label, np.memmap)
         np.testing.assert_array_equal(pre.image, fresh.image)
@@ -45,22 +48,22 @@ def test_cached_case_equals_preprocessing_and_is_memory_mapped(
 
 def test_key_follows_settings_and_files(dataset: Path) -> None:
     case = load_dataset(dataset).training[1]
-    key = cache_key(case, crop_to_nonzero=True, target_spacing=None)
-    assert key == cache_key(case, crop_to_nonzero=True, target_spacing=None)
-    assert key != cache_key(case, crop_to_nonzero=False, target_spacing=None)
-    assert key != cache_key(case, crop_to_nonzero=True, target_spacing=(1.0, 1.0, 1.0))
+    spec = PreprocessingSpec()
+    key = cache_key(case, spec)
+    assert key == cache_key(case, PreprocessingSpec())
+    assert key != cache_key(case, PreprocessingSpec(crop_to_nonzero=False))
+    assert key != cache_key(case, ONE_MM)
+    assert key != cache_key(case, PreprocessingSpec(clip_percentiles=(0.5, 99.5)))
     mri = (ChannelNormalization(), ChannelNormalization())
-    assert key == cache_key(case, crop_to_nonzero=True, target_spacing=None, normalization=mri)
+    assert key == cache_key(case, PreprocessingSpec(normalization=mri))
     ct = ChannelNormalization(scheme="ct_clip_zscore", clip=(-1000.0, 1000.0), std=300.0)
-    ct_key = cache_key(case, crop_to_nonzero=True, target_spacing=None, normalization=(ct, mri[0]))
+    ct_key = cache_key(case, PreprocessingSpec(normalization=(ct, mri[0])))
     assert ct_key != key
     other = dataclasses.replace(ct, mean=10.0)
-    assert ct_key != cache_key(
-        case, crop_to_nonzero=True, target_spacing=None, normalization=(other, mri[0])
-    )
+    assert ct_key != cache_key(case, PreprocessingSpec(normalization=(other, mri[0])))
     st = os.stat(case.images[0])
     os.utime(case.images[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert key != cache_key(case, crop_to_nonzero=True, target_spacing=None)
+    assert key != cache_key(case, spec)
 
 
 def test_training_reuses_the_cache(dataset: Path, tmp_path: Path) -> None:

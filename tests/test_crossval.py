@@ -60,7 +60,7 @@ def test_crossval_writes_folds_oof_summary_and_postprocessing(
     for k in range(3):
         assert json.loads((out / f"fold_{k}" / "postprocessing.json").read_text()) == post
         plan = load_predictor(out / f"fold_{k}").plan
-        assert (plan["threshold"], plan["min_lesion_mm3"]) == (
+        assert (plan.threshold, plan.min_lesion_mm3) == (
             post["threshold"], post["min_lesion_mm3"],
         )  # fmt: skip
 

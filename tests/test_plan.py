@@ -14,7 +14,7 @@ from segmenter.cli import main
 from segmenter.config import load_config
 from segmenter.data import load_dataset
 from segmenter.fingerprint import dataset_fingerprint
-from segmenter.plan import make_plan, normalisation, patch_and_depth
+from segmenter.plan import make_dataset_plan, normalisation, patch_and_depth
 from segmenter.synthetic import PhantomSpec, write_dataset
 
 
@@ -58,12 +58,12 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_make_plan_from_a_fingerprint(dataset: Path) -> None:
     fp = dataset_fingerprint(load_dataset(dataset))
-    cpu = make_plan(fp, load_config(None, []))
+    cpu = make_dataset_plan(fp, load_config(None, []))
     assert cpu["target_spacing"] == pytest.approx([1.0, 1.0, 1.5])
     assert cpu["budget"] == "cpu" and cpu["batch_size"] == 2 and not cpu["anisotropic"]
     assert len(cpu["strides"]) == cpu["depth"] == len(cpu["kernels"])
     assert [n["scheme"] for n in cpu["normalization"]] == ["zscore_nonzero"] * 2
-    small = make_plan(fp, load_config(None, ["plan.cpu_patch_voxels=4096"]))
+    small = make_dataset_plan(fp, load_config(None, ["plan.cpu_patch_voxels=4096"]))
     assert math.prod(small["patch_size"]) <= 4096
     assert math.prod(small["patch_size"]) < math.prod(cpu["patch_size"])
 
@@ -121,7 +121,9 @@ def _ct_dataset(root: Path) -> Path:
 def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
     tmp_path: Path,
 ) -> None:
-    from segmenter.preprocess import normalization_from_plan, preprocess_case
+    from segmenter.prep_spec import PreprocessingSpec
+    from segmenter.preprocess import preprocess_case
+    from segmenter.run_plan import RunPlan
 
     ds = _ct_dataset(tmp_path / "ct")
     out = tmp_path / "p"
@@ -140,14 +142,14 @@ def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
     run = tmp_path / "run"
     argv = ["train", "--config", str(config), "--plan", str(out / "plan.json"), "--out", str(run)]
     assert main(argv) == 0
-    recorded = json.loads((run / "plan.json").read_text())["normalization"]
-    assert recorded[0] == {**ct, "channel": "CT"}
-    schemes = normalization_from_plan(recorded)
+    run_plan = json.loads((run / "plan.json").read_text())
+    assert run_plan["normalization"][0] == {**ct, "channel": "CT"}
+    schemes = RunPlan.from_json(run_plan).preprocessing.normalization
     assert load_config(run / "config.yaml").data.normalization == schemes
 
     # Channel 0 is the same affine map of HU in every case, air included (not zeroed).
     case = load_dataset(ds).training[0]
-    pre = preprocess_case(case, normalization=schemes, crop_to_nonzero=False)
+    pre = preprocess_case(case, PreprocessingSpec(crop_to_nonzero=False, normalization=schemes))
     raw = np.asarray(nib.load(case.images[0]).dataobj, dtype=np.float32)
     lo, hi = ct["clip"]
     expected = (np.clip(raw, lo, hi) - ct["mean"]) / ct["std"]
@@ -160,9 +162,9 @@ def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
 
 def test_a_bad_plan_file_is_refused_with_one_line(tmp_path: Path) -> None:
     from segmenter.errors import InputError
-    from segmenter.plan import read_plan
+    from segmenter.plan import read_dataset_plan
 
     path = tmp_path / "plan.json"
     path.write_text("{}")
     with pytest.raises(InputError, match="not a plan.json"):
-        read_plan(path)
+        read_dataset_plan(path)

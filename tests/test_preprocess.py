@@ -8,6 +8,8 @@ import pytest
 from segmenter import data
 from segmenter.errors import InputError
 from segmenter.io import read_image, write_image
+from segmenter.pipeline import preprocess_dataset
+from segmenter.prep_spec import PreprocessingSpec
 from segmenter.preprocess import (
     CropBox,
     crop,
@@ -15,7 +17,6 @@ from segmenter.preprocess import (
     normalise,
     preprocess_arrays,
     preprocess_case,
-    preprocess_dataset,
     read_case,
     resample_hook,
     uncrop,
@@ -139,7 +140,7 @@ def test_preprocess_case_on_phantom(phantom_dataset: data.Dataset, tmp_path: Pat
 
 
 def test_preprocess_case_without_crop(phantom_dataset: data.Dataset) -> None:
-    pre = preprocess_case(phantom_dataset.training[1], crop_to_nonzero=False)
+    pre = preprocess_case(phantom_dataset.training[1], PreprocessingSpec(crop_to_nonzero=False))
     assert pre.box == CropBox.whole((32, 32, 32))
     assert pre.image.shape == (2, 32, 32, 32)
 
@@ -192,13 +193,11 @@ def test_preprocess_arrays_checks_label() -> None:
     images = [np.ones((4, 4, 4), dtype=np.float32)]
     with pytest.raises(InputError, match="c1 label: non-integer"):
         preprocess_arrays(
-            images, np.full((4, 4, 4), 0.5), np.eye(4), (1, 1, 1), crop_to_nonzero=True,
-            case_id="c1",
+            images, np.full((4, 4, 4), 0.5), np.eye(4), (1, 1, 1), case_id="c1"
         )  # fmt: skip
     with pytest.raises(InputError, match="c1: channel 1 shape"):
         preprocess_arrays(
-            images + [np.ones((4, 4, 5))], None, np.eye(4), (1, 1, 1), crop_to_nonzero=True,
-            case_id="c1",
+            images + [np.ones((4, 4, 5))], None, np.eye(4), (1, 1, 1), case_id="c1"
         )  # fmt: skip
 
 
@@ -222,8 +221,8 @@ def test_resampled_case_restores_probabilities_to_the_original_grid() -> None:
     label = np.zeros(image.shape, np.uint8)
     label[10:14, 10:14, 4:7] = 1
     pre = preprocess_arrays(
-        [image], label, np.diag([0.9, 0.9, 3.0, 1.0]), (0.9, 0.9, 3.0), crop_to_nonzero=True,
-        case_id="c", target_spacing=(1.0, 1.0, 1.0),
+        [image], label, np.diag([0.9, 0.9, 3.0, 1.0]), (0.9, 0.9, 3.0), case_id="c",
+        spec=PreprocessingSpec(target_spacing=(1.0, 1.0, 1.0)),
     )  # fmt: skip
     assert pre.spacing == (1.0, 1.0, 1.0)
     assert pre.image.shape == (1, 20, 20, 30) and pre.label is not None
@@ -242,8 +241,7 @@ def test_crop_affine_maps_cropped_voxels_to_the_same_world_points() -> None:
     affine = np.array([[0.0, -2.0, 0, 10], [1.5, 0, 0, -5], [0, 0, 3.0, 7], [0, 0, 0, 1]])
     img = np.zeros((10, 12, 8), np.float32)
     img[3:7, 2:9, 1:5] = 5.0
-    case = preprocess_arrays([img], None, affine, (1.5, 2.0, 3.0), crop_to_nonzero=True,
-                             case_id="c")  # fmt: skip
+    case = preprocess_arrays([img], None, affine, (1.5, 2.0, 3.0), case_id="c")
     # canonical order: axis 0 = original axis 1 flipped (-2 mm along x: L -> R), axis 1 =
     # original axis 0 (A), axis 2 unchanged (S)
     assert case.box.lo == (3, 3, 1) and case.spacing == (2.0, 1.5, 3.0)
@@ -278,7 +276,7 @@ def test_cases_are_reoriented_to_ras_and_restored(codes: tuple[str, str, str]) -
     img = np.zeros((9, 11, 7), np.float32)
     img[1:8, 2:10, 1:6] = rng.random((7, 8, 5)) + 1
     label = ((rng.random((9, 11, 7)) > 0.7) & (img > 0)).astype(np.uint8)
-    pre = preprocess_arrays([img], label, affine, spacing, crop_to_nonzero=True, case_id="c")
+    pre = preprocess_arrays([img], label, affine, spacing, case_id="c")
     assert nib.aff2axcodes(pre.affine) == ("R", "A", "S")
     assert sorted(pre.spacing) == sorted(spacing) and pre.label is not None
     np.testing.assert_array_equal(pre.restore(pre.label), label)
@@ -328,17 +326,3 @@ def test_ct_channels_use_the_dataset_statistics_over_the_whole_volume() -> None:
     np.testing.assert_array_equal(out[1], mri[0])  # the MRI channel is z-scored as before
     with pytest.raises(InputError, match="2 channel"):
         normalise(images, None, (ct,))
-
-
-def test_the_normalisation_a_run_recorded_is_read_back() -> None:
-    from segmenter.config import ChannelNormalization
-    from segmenter.preprocess import normalization_from_plan
-
-    assert normalization_from_plan("zscore_nonzero") == ()  # runs from before CT support
-    recorded = [
-        {"channel": "CT", "scheme": "ct_clip_zscore", "clip": [-100, 200], "mean": 5, "std": 9},
-        {"channel": "FLAIR", "scheme": "zscore_nonzero", "clip": None, "mean": 0.0, "std": 1.0},
-    ]
-    ct, mri = normalization_from_plan(recorded)
-    assert ct == ChannelNormalization("ct_clip_zscore", "CT", (-100, 200), 5, 9)
-    assert mri.scheme == "zscore_nonzero" and mri.channel == "FLAIR"

@@ -10,8 +10,10 @@ import torch
 from segmenter.cli import main
 from segmenter.config import load_config
 from segmenter.io import read_image, write_image
+from segmenter.schedule import lr_factor
+from segmenter.splits import make_splits
 from segmenter.synthetic import PhantomSpec, write_dataset
-from segmenter.train import _lr_factor, fit, make_splits
+from segmenter.train import fit
 
 TINY = """\
 data:
@@ -243,16 +245,16 @@ def test_splits_are_stratified_by_lesion_burden() -> None:
 
 def test_learning_rate_schedules() -> None:
     poly = load_config(None, [])
-    assert _lr_factor(poly, 0.0, 0, 0) == 1.0
-    assert _lr_factor(poly, 0.5, 50, 0) == pytest.approx(0.5**0.9)
-    assert _lr_factor(poly, 1.0, 100, 0) == 0.0
+    assert lr_factor(poly.train, 0.0, 0, 0) == 1.0
+    assert lr_factor(poly.train, 0.5, 50, 0) == pytest.approx(0.5**0.9)
+    assert lr_factor(poly.train, 1.0, 100, 0) == 0.0
     cosine = load_config(None, ["train.scheduler=cosine"])
-    assert _lr_factor(cosine, 0.5, 50, 0) == pytest.approx(0.5)
-    assert _lr_factor(poly, 0.0, 4, 10) == pytest.approx(0.5)  # warm-up: step 5 of 10
+    assert lr_factor(cosine.train, 0.5, 50, 0) == pytest.approx(0.5)
+    assert lr_factor(poly.train, 0.0, 4, 10) == pytest.approx(0.5)  # warm-up: step 5 of 10
 
 
 def test_threshold_tuning_picks_the_best_lesion_f1() -> None:
-    from segmenter.train import tune_threshold
+    from segmenter.validation import tune_threshold
 
     ref = np.zeros((16, 16, 16), np.uint8)
     ref[2:5, 2:5, 2:5] = 1  # found at any threshold below 0.8
@@ -271,7 +273,7 @@ def test_threshold_tuning_picks_the_best_lesion_f1() -> None:
 
 
 def test_threshold_tuning_does_not_reward_one_blob_over_every_lesion() -> None:
-    from segmenter.train import tune_threshold
+    from segmenter.validation import tune_threshold
 
     ref = np.zeros((20, 20, 20), np.uint8)
     ref[2:4, 2:4, 2:4] = ref[12:14, 12:14, 12:14] = 1
