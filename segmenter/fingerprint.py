@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import cc3d
-import nibabel as nib
 import numpy as np
 
+from segmenter import io
 from segmenter.atomic import write_text
 from segmenter.data import Case, Dataset
 from segmenter.preprocess import nonzero_bbox, nonzero_mask, read_case
@@ -81,7 +81,7 @@ def case_fingerprint(case: Case) -> dict[str, Any]:
         "shape": [int(n) for n in first.array.shape],
         "cropped_shape": [int(n) for n in box.size],
         "spacing": [float(s) for s in first.spacing],
-        "orientation": "".join(nib.aff2axcodes(first.affine)),
+        "orientation": io.axis_codes(first.affine),
         "nonzero_fraction": float(mask.mean()),
         "channels": [_channel_stats(ch[mask]) for ch in stack],
         "lesion_count": len(volumes),

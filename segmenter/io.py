@@ -378,6 +378,39 @@ def affines_close(
     )
 
 
+# ------------------------------------------------------------------------------ orientation
+
+#: nibabel orientation (3x2: target axis, flip per array axis) of arrays already in RAS order.
+CANONICAL_ORIENTATION = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
+
+
+def axis_codes(affine: np.ndarray) -> str:
+    """The world direction each array axis points to, e.g. ``RAS`` or ``LPS``."""
+    return "".join(nib.aff2axcodes(affine))
+
+
+def orientation_of(affine: np.ndarray) -> np.ndarray:
+    """The 3x2 orientation (nibabel's) that takes arrays of ``affine`` to RAS axis order."""
+    return nib.orientations.io_orientation(affine)
+
+
+def reorient(array: np.ndarray, orientation: np.ndarray) -> np.ndarray:
+    """An ``(X, Y, Z)`` array reordered and flipped by a 3x2 orientation (a view if it can)."""
+    return nib.orientations.apply_orientation(array, orientation)
+
+
+def reoriented_affine(
+    affine: np.ndarray, orientation: np.ndarray, shape: tuple[int, ...]
+) -> np.ndarray:
+    """The affine of an array of ``shape`` after :func:`reorient` (world positions unchanged)."""
+    return affine @ nib.orientations.inv_ornt_aff(orientation, shape)
+
+
+def orientation_between(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The orientation that takes arrays in orientation ``start`` to orientation ``end``."""
+    return nib.orientations.ornt_transform(start, end)
+
+
 def describe(value: Any) -> str:
     """Short text for a shape or spacing tuple in error messages."""
     if isinstance(value, tuple | list):

@@ -41,8 +41,8 @@ import numpy as np
 
 from segmenter.config import Config, ModelConfig
 from segmenter.errors import InputError
-from segmenter.model import MIN_FEATURE_MAP_SIZE, plan_topology
 from segmenter.resample import is_anisotropic, new_shape, target_spacing
+from segmenter.topology import MIN_FEATURE_MAP_SIZE, plan_topology
 
 #: Channel names (case-insensitive) normalised as CT.
 CT_NAMES = ("ct",)

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -264,9 +263,6 @@ def resample_hook(
 
 # ------------------------------------------------------------------------------ orientation
 
-#: nibabel orientation of arrays already in RAS axis order.
-CANONICAL = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
-
 
 def to_canonical(
     images: np.ndarray,
@@ -286,16 +282,14 @@ def to_canonical(
         ``(images, label, affine, spacing, orientation)`` in canonical order; ``orientation``
         is the transform applied (None, and the inputs unchanged, when already canonical).
     """
-    ornt = nib.orientations.io_orientation(affine)
-    if np.array_equal(ornt, CANONICAL):
+    ornt = io.orientation_of(affine)
+    if np.array_equal(ornt, io.CANONICAL_ORIENTATION):
         return images, label, affine, spacing, None
     shape = images.shape[1:]
-    images = np.ascontiguousarray(
-        np.stack([nib.orientations.apply_orientation(ch, ornt) for ch in images])
-    )
+    images = np.ascontiguousarray(np.stack([io.reorient(ch, ornt) for ch in images]))
     if label is not None:
-        label = np.ascontiguousarray(nib.orientations.apply_orientation(label, ornt))
-    new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+        label = np.ascontiguousarray(io.reorient(label, ornt))
+    new_affine = io.reoriented_affine(affine, ornt, shape)
     new_spacing = [0.0, 0.0, 0.0]
     for axis, (target, _flip) in enumerate(ornt):
         new_spacing[int(target)] = spacing[axis]
@@ -364,9 +358,9 @@ class PreprocessedCase:
         out = uncrop(arr, self.box, fill=fill)
         if self.orientation is None:
             return out
-        undo = nib.orientations.ornt_transform(CANONICAL, self.orientation)
+        undo = io.orientation_between(io.CANONICAL_ORIENTATION, self.orientation)
         flat = out.reshape(-1, *out.shape[-3:])
-        back = np.stack([nib.orientations.apply_orientation(v, undo) for v in flat])
+        back = np.stack([io.reorient(v, undo) for v in flat])
         return np.ascontiguousarray(back.reshape(*out.shape[:-3], *self.original_shape))
 
 

@@ -13,9 +13,8 @@ from segmenter.model import (
     ResidualBlock,
     build_model,
     count_parameters,
-    plan_topology,
-    required_divisor,
 )
+from segmenter.topology import plan_topology, required_divisor
 
 TINY = ModelConfig(depth=4, base_filters=4, max_filters=16)
 
