@@ -46,9 +46,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import cc3d
 import numpy as np
 from scipy import ndimage
+
+from segmenter.components import component_sizes, label_components
 
 TP, FN, FP, IGNORED = "TP", "FN", "FP", "ignored"
 MATCH_RULES = ("overlap", "iou", "dice", "anima")
@@ -220,7 +221,7 @@ def _components(labels: np.ndarray, n: int) -> Components:
     flat = labels.reshape(-1)
     idx = np.flatnonzero(flat)
     ids = flat[idx].astype(np.intp)
-    sizes = np.bincount(ids, minlength=n + 1)[1:].astype(np.int64)
+    sizes = component_sizes(ids, n).astype(np.int64)
     coords = np.unravel_index(idx, labels.shape)
     centroids = np.zeros((n, 3))
     bboxes = np.zeros((n, 6), dtype=np.int64)
@@ -233,13 +234,6 @@ def _components(labels: np.ndarray, n: int) -> Components:
             bboxes[:, axis] = np.minimum.reduceat(sorted_c, starts)
             bboxes[:, axis + 3] = np.maximum.reduceat(sorted_c, starts) + 1
     return Components(labels, sizes, centroids, bboxes)
-
-
-def _label(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
-    if mask.size == 0 or not mask.any():
-        return np.zeros(mask.shape, dtype=np.uint16), 0
-    labels, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
-    return labels, int(n)
 
 
 def _pairs(
@@ -367,12 +361,12 @@ def match_lesions(
             if ref.any()
             else ref
         )
-        region_labels, n_ref = _label(region, rule.connectivity)
+        region_labels, n_ref = label_components(region, rule.connectivity)
         ref_labels = np.where(ref, region_labels, 0).astype(region_labels.dtype)
     else:
-        ref_labels, n_ref = _label(ref, rule.connectivity)
+        ref_labels, n_ref = label_components(ref, rule.connectivity)
         region, region_labels = ref, ref_labels
-    pred_labels, n_pred = _label(pred, rule.connectivity)
+    pred_labels, n_pred = label_components(pred, rule.connectivity)
     rc, pc = _components(ref_labels, n_ref), _components(pred_labels, n_pred)
 
     ref_small = rc.sizes * voxel_mm3 <= rule.min_ref_mm3

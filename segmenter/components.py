@@ -1,0 +1,57 @@
+"""Connected components of 3D masks (numpy and cc3d only, no torch).
+
+- :func:`label_components`: the one place that calls ``cc3d.connected_components``; labels
+  ``1..n`` in raster order of each component's first voxel, as cc3d numbers them.
+- :func:`component_sizes`: voxel count of each component, from its labels.
+
+Arrays are ``(X, Y, Z)`` in the axis order of :mod:`segmenter.io`.
+"""
+
+from __future__ import annotations
+
+import cc3d
+import numpy as np
+
+#: Neighbourhoods cc3d supports in 3D: faces (6), faces and edges (18), and corners too (26).
+CONNECTIVITIES = (6, 18, 26)
+
+
+def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Label the connected components of a binary mask.
+
+    Args:
+        mask: ``(X, Y, Z)`` bool, or integer 0/1 (cc3d labels each nonzero value separately,
+            so other values would split components).
+        connectivity: 6, 18 or 26.
+
+    Returns:
+        ``(labels, n)``: ``labels`` has the mask's shape, an unsigned integer dtype chosen by
+        cc3d (``uint16`` when it fits), 0 for background and ``1..n`` for the components in
+        raster order of the mask's memory layout (C order for a C-contiguous mask, Fortran
+        order for a Fortran-ordered one); an empty mask (no voxels, or none set) gives
+        ``uint16`` zeros and 0.
+
+    Raises:
+        ValueError: ``connectivity`` is not 6, 18 or 26.
+    """
+    if connectivity not in CONNECTIVITIES:
+        raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity!r}")
+    if mask.size == 0 or not mask.any():
+        return np.zeros(mask.shape, dtype=np.uint16), 0
+    labels, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    return labels, int(n)
+
+
+def component_sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    """Voxel count of each component.
+
+    Args:
+        labels: component labels of any shape and layout (a label volume from
+            :func:`label_components`, or the labels of some of its voxels), non-negative
+            integers, 0 for background (not counted).
+        n: number of components (the largest label).
+
+    Returns:
+        ``(n,)`` int64; entry ``k - 1`` counts label ``k``.
+    """
+    return np.bincount(labels.ravel(order="K"), minlength=n + 1)[1:]
