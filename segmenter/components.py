@@ -1,8 +1,9 @@
-"""Connected components of 3D masks (numpy and cc3d only, no torch).
+"""Connected components and foreground boxes of 3D masks (numpy and cc3d only, no torch).
 
 - :func:`label_components`: the one place that calls ``cc3d.connected_components``; labels
   ``1..n`` in raster order of each component's first voxel, as cc3d numbers them.
 - :func:`component_sizes`: voxel count of each component, from its labels.
+- :func:`bounding_box`: the box holding every foreground voxel, optionally grown by a margin.
 
 Arrays are ``(X, Y, Z)`` in the axis order of :mod:`segmenter.io`.
 """
@@ -55,3 +56,32 @@ def component_sizes(labels: np.ndarray, n: int) -> np.ndarray:
         ``(n,)`` int64; entry ``k - 1`` counts label ``k``.
     """
     return np.bincount(labels.ravel(order="K"), minlength=n + 1)[1:]
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every nonzero voxel, grown by ``margin`` and clipped.
+
+    Args:
+        mask: ``(X, Y, Z)`` array; nonzero voxels are foreground.
+        margin: voxels added on each side of each axis (the box stays inside the array).
+
+    Returns:
+        One ``slice(lo, hi)`` per axis (``hi`` exclusive, Python ints), or None when no voxel
+        is set.
+
+    Raises:
+        ValueError: ``mask`` is not 3D or ``margin`` is negative.
+    """
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be a 3D (X, Y, Z) array, got shape {mask.shape}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    xy = mask.any(axis=2)
+    box = []
+    for axis, hits in enumerate((xy.any(axis=1), xy.any(axis=0), mask.any(axis=(0, 1)))):
+        idx = np.flatnonzero(hits)
+        if idx.size == 0:
+            return None
+        lo, hi = int(idx[0]) - margin, int(idx[-1]) + 1 + margin
+        box.append(slice(max(lo, 0), min(hi, mask.shape[axis])))
+    return box[0], box[1], box[2]

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from segmenter.components import bounding_box
 from segmenter.lesions import (
     FN,
     FP,
@@ -155,19 +156,6 @@ def _foreground(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     return a, a != 0
 
 
-def _extent(mask: np.ndarray) -> list[tuple[int, int]] | None:
-    """Per-axis [lo, hi) of the foreground, or None when empty."""
-    xy = mask.any(axis=2)
-    spans = [xy.any(axis=1), xy.any(axis=0), mask.any(axis=(0, 1))]
-    out = []
-    for hits in spans:
-        idx = np.flatnonzero(hits)
-        if idx.size == 0:
-            return None
-        out.append((int(idx[0]), int(idx[-1]) + 1))
-    return out
-
-
 def _crop_pair(
     pred: np.ndarray, ref: np.ndarray, margin: int = 0
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
@@ -180,15 +168,12 @@ def _crop_pair(
     (pa, pm), (ra, rm) = _foreground(pred, "pred"), _foreground(ref, "ref")
     if pa.shape != ra.shape:
         raise ValueError(f"pred and ref shapes differ: {pa.shape} vs {ra.shape}")
-    spans = [e for e in (_extent(pm), _extent(rm)) if e is not None]
-    if not spans:
+    boxes = [b for b in (bounding_box(pm, margin), bounding_box(rm, margin)) if b is not None]
+    if not boxes:
         empty = np.zeros((0, 0, 0), dtype=bool)
         return empty, empty, (0, 0, 0)
     box = tuple(
-        slice(
-            max(min(s[axis][0] for s in spans) - margin, 0),
-            min(max(s[axis][1] for s in spans) + margin, pa.shape[axis]),
-        )
+        slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes))
         for axis in range(3)
     )
     crops = []

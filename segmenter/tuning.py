@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from segmenter import metrics
+from segmenter.components import bounding_box
 from segmenter.fingerprint import lesion_volumes_mm3
 from segmenter.lesions import LesionRule
 from segmenter.postprocess import probabilities_to_mask
@@ -106,19 +107,8 @@ def _candidate_box(
     Outside it every mask of the grid and the reference are 0, so scores are the same on the
     crop (the margin keeps BraTS's reference dilation unclipped, as :mod:`segmenter.metrics`).
     """
-    inside = (probabilities >= lowest) | (reference > 0)
-    box = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(inside.any(axis=others))
-        if hits.size == 0:
-            return (slice(0, 1),) * 3
-        box.append(
-            slice(
-                max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, inside.shape[axis])
-            )
-        )
-    return tuple(box)
+    box = bounding_box((probabilities >= lowest) | (reference > 0), margin)
+    return (slice(0, 1),) * 3 if box is None else box
 
 
 def grid_search(

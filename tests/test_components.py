@@ -1,4 +1,4 @@
-"""Tests for segmenter.components: labelling, component sizes."""
+"""Tests for segmenter.components: labelling, component sizes, bounding boxes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from segmenter.components import component_sizes, label_components
+from segmenter.components import bounding_box, component_sizes, label_components
 
 
 def points(shape: tuple[int, int, int], *voxels: tuple[int, int, int]) -> np.ndarray:
@@ -66,3 +66,31 @@ def test_component_sizes_of_a_volume_and_of_selected_voxels() -> None:
     np.testing.assert_array_equal(component_sizes(np.asfortranarray(labels), n), [8, 1])
     assert component_sizes(labels[mask], n).dtype == np.int64
     np.testing.assert_array_equal(component_sizes(np.zeros(0, np.uint16), 2), [0, 0])
+
+
+def test_bounding_box_holds_every_voxel() -> None:
+    mask = points((6, 7, 8), (1, 5, 2), (3, 2, 6))
+    assert bounding_box(mask) == (slice(1, 4), slice(2, 6), slice(2, 7))
+    assert bounding_box(mask.astype(np.float32)) == bounding_box(mask)
+    assert bounding_box(np.asfortranarray(mask)) == bounding_box(mask)
+    box = bounding_box(mask)
+    assert box is not None and mask[box].sum() == mask.sum()
+    assert all(type(s.start) is int and type(s.stop) is int for s in box)
+
+
+def test_bounding_box_margin_is_clipped_to_the_array() -> None:
+    mask = points((6, 7, 8), (1, 5, 2), (3, 2, 6))
+    assert bounding_box(mask, margin=2) == (slice(0, 6), slice(0, 7), slice(0, 8))
+    assert bounding_box(points((9, 9, 9), (4, 4, 4)), 1) == (slice(3, 6),) * 3
+
+
+def test_bounding_box_of_an_empty_mask_is_none() -> None:
+    assert bounding_box(np.zeros((3, 4, 5), dtype=bool)) is None
+    assert bounding_box(np.zeros((0, 4, 5), dtype=bool), margin=1) is None
+
+
+def test_bounding_box_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"3D \(X, Y, Z\) array, got shape \(3, 4\)"):
+        bounding_box(np.ones((3, 4), dtype=bool))
+    with pytest.raises(ValueError, match="margin must be >= 0, got -1"):
+        bounding_box(np.ones((3, 4, 5), dtype=bool), margin=-1)
