@@ -5,28 +5,22 @@ from __future__ import annotations
 import cc3d
 import numpy as np
 import pytest
+from mask_builders import voxels
 from scipy import ndimage
 
 from segmenter.components import bounding_box, component_sizes, label_components
 
 
-def points(shape: tuple[int, int, int], *voxels: tuple[int, int, int]) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    for v in voxels:
-        mask[v] = True
-    return mask
-
-
 @pytest.mark.parametrize(("connectivity", "corner", "edge"), [(6, 2, 2), (18, 2, 1), (26, 1, 1)])
 def test_connectivity_decides_what_touches(connectivity: int, corner: int, edge: int) -> None:
-    at_corner = points((4, 4, 4), (1, 1, 1), (2, 2, 2))
-    at_edge = points((4, 4, 4), (1, 1, 1), (2, 2, 1))
+    at_corner = voxels((4, 4, 4), (1, 1, 1), (2, 2, 2))
+    at_edge = voxels((4, 4, 4), (1, 1, 1), (2, 2, 1))
     assert label_components(at_corner, connectivity)[1] == corner
     assert label_components(at_edge, connectivity)[1] == edge
 
 
 def test_labels_follow_the_raster_order_of_the_memory_layout() -> None:
-    mask = points((5, 5, 5), (4, 0, 0), (0, 4, 4), (0, 0, 2))
+    mask = voxels((5, 5, 5), (4, 0, 0), (0, 4, 4), (0, 0, 2))
     labels, n = label_components(mask)
     assert n == 3
     assert (labels[0, 0, 2], labels[0, 4, 4], labels[4, 0, 0]) == (1, 2, 3)
@@ -54,7 +48,7 @@ def test_empty_masks_give_uint16_zeros() -> None:
 
 def test_unsupported_connectivity_raises() -> None:
     with pytest.raises(ValueError, match="connectivity must be 6, 18 or 26, got 8"):
-        label_components(points((3, 3, 3), (1, 1, 1)), connectivity=8)
+        label_components(voxels((3, 3, 3), (1, 1, 1)), connectivity=8)
 
 
 def test_component_sizes_of_a_volume_and_of_selected_voxels() -> None:
@@ -69,7 +63,7 @@ def test_component_sizes_of_a_volume_and_of_selected_voxels() -> None:
 
 
 def test_bounding_box_holds_every_voxel() -> None:
-    mask = points((6, 7, 8), (1, 5, 2), (3, 2, 6))
+    mask = voxels((6, 7, 8), (1, 5, 2), (3, 2, 6))
     assert bounding_box(mask) == (slice(1, 4), slice(2, 6), slice(2, 7))
     assert bounding_box(mask.astype(np.float32)) == bounding_box(mask)
     assert bounding_box(np.asfortranarray(mask)) == bounding_box(mask)
@@ -79,9 +73,9 @@ def test_bounding_box_holds_every_voxel() -> None:
 
 
 def test_bounding_box_margin_is_clipped_to_the_array() -> None:
-    mask = points((6, 7, 8), (1, 5, 2), (3, 2, 6))
+    mask = voxels((6, 7, 8), (1, 5, 2), (3, 2, 6))
     assert bounding_box(mask, margin=2) == (slice(0, 6), slice(0, 7), slice(0, 8))
-    assert bounding_box(points((9, 9, 9), (4, 4, 4)), 1) == (slice(3, 6),) * 3
+    assert bounding_box(voxels((9, 9, 9), (4, 4, 4)), 1) == (slice(3, 6),) * 3
 
 
 def test_bounding_box_of_an_empty_mask_is_none() -> None:

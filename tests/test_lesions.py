@@ -12,20 +12,13 @@ import json
 
 import numpy as np
 import pytest
+from mask_builders import boxes
 
 from segmenter.config import PRESET_NAMES
 from segmenter.lesions import PRESETS, LesionRule, Matching, match_lesions, rule_to_dict
 
 S = np.s_
 ONE = (1.0, 1.0, 1.0)
-
-
-def boxes(shape: tuple[int, int, int], *spans: tuple[slice, slice, slice]) -> np.ndarray:
-    """Bool mask with the given boxes set."""
-    mask = np.zeros(shape, dtype=bool)
-    for span in spans:
-        mask[span] = True
-    return mask
 
 
 def outcome(m: Matching) -> tuple:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mask_builders import boxes, voxels
 from scipy import ndimage
 
 from segmenter import metrics
@@ -23,21 +24,6 @@ from segmenter.synthetic import perturb_mask
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MASKS = DATA / "MSLesjak_masks_only"
 ONE = (1.0, 1.0, 1.0)
-
-
-def boxes(shape: tuple[int, int, int], *spans: tuple[slice, slice, slice]) -> np.ndarray:
-    """Bool mask with the given boxes set."""
-    mask = np.zeros(shape, dtype=bool)
-    for span in spans:
-        mask[span] = True
-    return mask
-
-
-def voxels(shape: tuple[int, int, int], *points: tuple[int, int, int]) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    for p in points:
-        mask[p] = True
-    return mask
 
 
 def summary(pred: np.ndarray, ref: np.ndarray, rule: str | LesionRule = "isles22", **kw):
