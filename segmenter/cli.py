@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from segmenter import __version__
+from segmenter.config import PRESET_NAMES
 from segmenter.errors import InputError
 
 T = TypeVar("T")
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         default="isles22",
-        choices=("isles22", "atlas", "brats23", "msseg", "panoptica"),
+        choices=PRESET_NAMES,
         help="lesion matching rule (default isles22: any overlap, 26-connectivity)",
     )
     p.add_argument("--out", help="where summary.json and lesions.csv go (default: --pred)")

@@ -20,6 +20,16 @@ import yaml
 from segmenter.atomic import write_text
 from segmenter.errors import InputError
 
+#: Loss presets (:func:`segmenter.losses.build_loss`).
+LossName = Literal["focal_dice", "dice_ce", "dice", "focal"]
+LOSS_NAMES: tuple[str, ...] = typing.get_args(LossName)
+#: How logits become probabilities: each channel on its own, or across the channels.
+Activation = Literal["sigmoid", "softmax"]
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
+#: Lesion matching presets (:data:`segmenter.lesions.PRESETS` holds their rules).
+PresetName = Literal["isles22", "atlas", "brats23", "msseg", "panoptica"]
+PRESET_NAMES: tuple[str, ...] = typing.get_args(PresetName)
+
 
 class ConfigError(InputError):
     """An invalid configuration: unknown key, wrong type, value out of range."""
@@ -179,8 +189,8 @@ class LossConfig:
             nnU-Net's rule (1/2^i, lowest resolution 0, normalised).
     """
 
-    name: Literal["focal_dice", "dice_ce", "dice", "focal"] = "focal_dice"
-    activation: Literal["sigmoid", "softmax"] = "sigmoid"
+    name: LossName = "focal_dice"
+    activation: Activation = "sigmoid"
     gamma: float = 2.0
     alpha: float | None = None
     weight: tuple[float, ...] | None = None
@@ -349,7 +359,7 @@ class EvaluationConfig:
         size_bins_mm3: edges of the lesion-size bins for recall by size, in mm3, increasing.
     """
 
-    preset: Literal["isles22", "atlas", "brats23", "msseg", "panoptica"] = "isles22"
+    preset: PresetName = "isles22"
     size_bins_mm3: tuple[float, ...] = (0.0, 10.0, 100.0, 1000.0, float("inf"))
 
     def __post_init__(self) -> None:

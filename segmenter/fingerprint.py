@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import cc3d
 import numpy as np
 
 from segmenter import io
 from segmenter.atomic import write_text
+from segmenter.components import component_sizes, label_components
 from segmenter.data import Case, Dataset
 from segmenter.preprocess import nonzero_bbox, nonzero_mask, read_case
 from segmenter.report import summary_json
@@ -55,11 +55,8 @@ def lesion_volumes_mm3(
     label: np.ndarray, spacing: Sequence[float], connectivity: int = CONNECTIVITY
 ) -> list[float]:
     """Volume in mm3 of each connected component of ``label > 0``, largest first."""
-    mask = np.asarray(label) > 0
-    if not mask.any():
-        return []
-    components = cc3d.connected_components(mask, connectivity=connectivity)
-    sizes = np.bincount(components.reshape(-1))[1:]
+    labels, n = label_components(np.asarray(label) > 0, connectivity)
+    sizes = component_sizes(labels, n)
     voxel_mm3 = float(np.prod([float(s) for s in spacing]))
     return sorted((float(n) * voxel_mm3 for n in sizes if n > 0), reverse=True)
 

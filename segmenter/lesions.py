@@ -1,10 +1,14 @@
 """Lesion matching engine: connected components, one overlap table, the challenges' matching rules.
 
-A lesion is a connected component of a binary mask. :func:`match_lesions` labels both masks
-(cc3d), then builds the sparse table of voxel overlaps between reference and predicted lesions
-in one pass over the voxels where both are foreground. Every rule below is decided on that table
-(hundreds of entries), never again on the volume, so a case with 400 lesions costs about as much
-as one with 4.
+A lesion is a connected component of a binary mask. :func:`match_lesions` works in phases:
+
+1. label both masks (:func:`segmenter.components.label_components`; the reference through its
+   dilation for BraTS);
+2. one table of the voxel overlaps between reference and predicted lesions, from one pass over
+   the voxels where both are foreground, less the pairs of lesions removed by size;
+3. the rule decides the matches on that table (hundreds of entries), never again on the volume,
+   so a case with 400 lesions costs about as much as one with 4;
+4. each lesion's status: ``TP``, ``FN`` or ``FP``, or ``ignored`` (size limits).
 
 Rules (:attr:`LesionRule.match`), each cited to the code that defines it:
 
@@ -46,9 +50,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import cc3d
 import numpy as np
 from scipy import ndimage
+
+from segmenter.components import component_sizes, label_components
 
 TP, FN, FP, IGNORED = "TP", "FN", "FP", "ignored"
 MATCH_RULES = ("overlap", "iou", "dice", "anima")
@@ -218,129 +223,288 @@ class Matching:
 def _components(labels: np.ndarray, n: int) -> Components:
     """Sizes, centroids and bounding boxes from one pass over the foreground voxels."""
     flat = labels.reshape(-1)
-    idx = np.flatnonzero(flat)
-    ids = flat[idx].astype(np.intp)
-    sizes = np.bincount(ids, minlength=n + 1)[1:].astype(np.int64)
-    coords = np.unravel_index(idx, labels.shape)
+    foreground = np.flatnonzero(flat)
+    ids = flat[foreground].astype(np.intp)
+    sizes = component_sizes(ids, n).astype(np.int64)
+    coords = np.unravel_index(foreground, labels.shape)
     centroids = np.zeros((n, 3))
     bboxes = np.zeros((n, 6), dtype=np.int64)
     if n:
-        order = np.argsort(ids, kind="stable")
-        starts = np.searchsorted(ids[order], np.arange(1, n + 1))
-        for axis, c in enumerate(coords):
-            centroids[:, axis] = np.bincount(ids, weights=c, minlength=n + 1)[1:] / sizes
-            sorted_c = c[order]
-            bboxes[:, axis] = np.minimum.reduceat(sorted_c, starts)
-            bboxes[:, axis + 3] = np.maximum.reduceat(sorted_c, starts) + 1
+        by_id = np.argsort(ids, kind="stable")
+        starts = np.searchsorted(ids[by_id], np.arange(1, n + 1))
+        for axis, coord in enumerate(coords):
+            centroids[:, axis] = np.bincount(ids, weights=coord, minlength=n + 1)[1:] / sizes
+            sorted_coord = coord[by_id]
+            bboxes[:, axis] = np.minimum.reduceat(sorted_coord, starts)
+            bboxes[:, axis + 3] = np.maximum.reduceat(sorted_coord, starts) + 1
     return Components(labels, sizes, centroids, bboxes)
 
 
-def _label(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
-    if mask.size == 0 or not mask.any():
-        return np.zeros(mask.shape, dtype=np.uint16), 0
-    labels, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
-    return labels, int(n)
+@dataclass(frozen=True)
+class _Pairs:
+    """Pairs of reference and predicted lesions (1-based ids, one entry per pair).
+
+    Attributes:
+        ref: (k,) int64 reference lesion ids.
+        pred: (k,) int64 predicted lesion ids.
+        voxels: (k,) int64 voxels the two lesions of each pair share (> 0, or for
+            dilation pairs the voxels the prediction shares with the reference's dilation).
+    """
+
+    ref: np.ndarray
+    pred: np.ndarray
+    voxels: np.ndarray
+
+    def without(self, ref_removed: np.ndarray, pred_removed: np.ndarray) -> _Pairs:
+        """The pairs whose lesions are both still there (masks indexed by id - 1)."""
+        keep = ~(ref_removed[self.ref - 1] | pred_removed[self.pred - 1])
+        return _Pairs(self.ref[keep], self.pred[keep], self.voxels[keep])
 
 
-def _pairs(
-    a: np.ndarray, b: np.ndarray, both: np.ndarray, n_b: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(a id, b id, voxel count) for every pair of overlapping components, ids 1-based."""
-    idx = np.flatnonzero(both.reshape(-1))
-    key = a.reshape(-1)[idx].astype(np.int64) * (n_b + 1) + b.reshape(-1)[idx]
-    keys, counts = np.unique(key, return_counts=True)
-    return keys // (n_b + 1), keys % (n_b + 1), counts.astype(np.int64)
+@dataclass(frozen=True)
+class _Decision:
+    """What a matching rule decided; per-lesion arrays are indexed by id - 1.
+
+    Attributes:
+        matched: the pairs matched to each other (``Matching.ref_matched`` / ``pred_matched``).
+        ref_hit: (n_ref,) bool, reference lesion detected.
+        pred_hit: (n_pred,) bool, predicted lesion matched to a counted reference lesion.
+        pred_touch: (n_pred,) bool, predicted lesion matched to any (counted or ignored) one.
+        ref_dice: (n_ref,) float64 Dice of each reference lesion with its matches.
+        pred_dice: (n_pred,) float64 Dice of each predicted lesion with its matches.
+        match_iou: IoU of each one-to-one match between counted lesions (else empty).
+    """
+
+    matched: _Pairs
+    ref_hit: np.ndarray
+    pred_hit: np.ndarray
+    pred_touch: np.ndarray
+    ref_dice: np.ndarray
+    pred_dice: np.ndarray
+    match_iou: np.ndarray
 
 
-def _group(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[tuple[int, ...], ...]:
-    """For each key 1..n, the sorted values paired with it."""
-    order = np.lexsort((values, keys))
-    k, v = keys[order], values[order].tolist()
-    bounds = np.searchsorted(k, np.arange(1, n + 2)).tolist()
-    return tuple(tuple(v[bounds[i] : bounds[i + 1]]) for i in range(n))
+def _overlap_pairs(
+    ref_labels: np.ndarray, pred_labels: np.ndarray, both: np.ndarray, n_pred: int
+) -> _Pairs:
+    """Every (reference, predicted) pair of components sharing voxels where ``both`` is set."""
+    shared = np.flatnonzero(both.reshape(-1))
+    ref_ids = ref_labels.reshape(-1)[shared].astype(np.int64)
+    pred_ids = pred_labels.reshape(-1)[shared]
+    keys, voxels = np.unique(ref_ids * (n_pred + 1) + pred_ids, return_counts=True)
+    return _Pairs(keys // (n_pred + 1), keys % (n_pred + 1), voxels.astype(np.int64))
+
+
+def _reference_lesions(
+    ref: np.ndarray, rule: LesionRule
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """Label the reference: ``(labels, n, region, region_labels)``.
+
+    Without dilation the region is the reference itself. With BraTS dilation the region is
+    the dilated reference, each lesion is a component of the region (lesions whose dilations
+    touch merge), and ``labels`` carries the region's ids on the reference voxels only.
+    """
+    if not rule.dilation_iters:
+        labels, n = label_components(ref, rule.connectivity)
+        return labels, n, ref, labels
+    struct = ndimage.generate_binary_structure(3, 2)
+    region = (
+        ndimage.binary_dilation(ref, structure=struct, iterations=rule.dilation_iters)
+        if ref.any()
+        else ref
+    )
+    region_labels, n = label_components(region, rule.connectivity)
+    labels = np.where(ref, region_labels, 0).astype(region_labels.dtype)
+    return labels, n, region, region_labels
+
+
+def _group(ids: np.ndarray, partners: np.ndarray, n: int) -> tuple[tuple[int, ...], ...]:
+    """For each id 1..n, the sorted partners paired with it."""
+    order = np.lexsort((partners, ids))
+    sorted_ids, sorted_partners = ids[order], partners[order].tolist()
+    bounds = np.searchsorted(sorted_ids, np.arange(1, n + 2)).tolist()
+    return tuple(tuple(sorted_partners[bounds[i] : bounds[i + 1]]) for i in range(n))
 
 
 def _union_dice(
-    keys: np.ndarray,
-    others: np.ndarray,
-    inter_keys: np.ndarray,
-    inter_counts: np.ndarray,
+    lesion_ids: np.ndarray,
+    partner_ids: np.ndarray,
+    overlap_ids: np.ndarray,
+    overlap_voxels: np.ndarray,
     sizes: np.ndarray,
-    other_sizes: np.ndarray,
+    partner_sizes: np.ndarray,
 ) -> np.ndarray:
     """Dice of each lesion with the union of the lesions matched to it (disjoint components).
 
-    ``keys``/``others`` list the matched pairs; ``inter_*`` the voxel overlaps, all of which lie
-    within matched pairs (an overlapping pair always matches under the overlap and Anima rules).
+    ``lesion_ids``/``partner_ids`` list the matched pairs; ``overlap_*`` the shared voxels of
+    the overlapping pairs, all of which are matched (an overlapping pair always matches under
+    the overlap and Anima rules).
     """
     n = sizes.shape[0]
-    inter = np.bincount(inter_keys, weights=inter_counts, minlength=n + 1)[1:]
-    union = np.bincount(keys, weights=other_sizes[others - 1], minlength=n + 1)[1:]
-    return 2.0 * inter / (sizes + union)
+    shared = np.bincount(overlap_ids, weights=overlap_voxels, minlength=n + 1)[1:]
+    union = np.bincount(lesion_ids, weights=partner_sizes[partner_ids - 1], minlength=n + 1)[1:]
+    return 2.0 * shared / (sizes + union)
+
+
+def _both_union_dice(
+    matched: _Pairs, overlap: _Pairs, ref: Components, pred: Components
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_union_dice` of every reference lesion and of every predicted lesion."""
+    ref_dice = _union_dice(
+        matched.ref, matched.pred, overlap.ref, overlap.voxels, ref.sizes, pred.sizes
+    )
+    pred_dice = _union_dice(
+        matched.pred, matched.ref, overlap.pred, overlap.voxels, pred.sizes, ref.sizes
+    )
+    return ref_dice, pred_dice
+
+
+def _match_any_overlap(
+    touch: _Pairs, overlap: _Pairs, ref: Components, pred: Components, ref_small: np.ndarray
+) -> _Decision:
+    """ISLES'22 / BraTS: every touching pair matches (``touch`` = pairs through the dilation)."""
+    ref_hit = np.zeros(ref.n, dtype=bool)
+    pred_hit = np.zeros(pred.n, dtype=bool)
+    pred_touch = np.zeros(pred.n, dtype=bool)
+    ref_hit[touch.ref - 1] = True
+    pred_touch[touch.pred - 1] = True
+    pred_hit[touch.pred[~ref_small[touch.ref - 1]] - 1] = True
+    ref_dice, pred_dice = _both_union_dice(touch, overlap, ref, pred)
+    return _Decision(touch, ref_hit, pred_hit, pred_touch, ref_dice, pred_dice, np.zeros(0))
 
 
 def _anima_detected(
-    rows: np.ndarray,
-    cols: np.ndarray,
-    counts: np.ndarray,
-    row_sizes: np.ndarray,
-    col_sizes: np.ndarray,
-    n_rows_kept: int,
+    tested_ids: np.ndarray,
+    other_ids: np.ndarray,
+    overlap_voxels: np.ndarray,
+    tested_sizes: np.ndarray,
+    other_sizes: np.ndarray,
+    n_tested_kept: int,
     rule: LesionRule,
 ) -> np.ndarray:
-    """Anima's detection test for every row lesion (``getTruePositiveLesions``).
+    """Anima's detection test for every lesion of one side (``getTruePositiveLesions``).
 
     Args:
-        rows, cols, counts: overlap table between kept lesions (1-based ids, counts > 0).
-        row_sizes, col_sizes: voxel counts of every lesion (index id - 1).
-        n_rows_kept: number of kept row lesions (bounds the walk, as Anima).
+        tested_ids, other_ids, overlap_voxels: overlap table between kept lesions (1-based ids,
+            voxels > 0), the side under test first.
+        tested_sizes, other_sizes: voxel counts of every lesion (index id - 1).
+        n_tested_kept: number of kept lesions on the tested side (bounds the walk, as Anima).
         rule: supplies alpha, beta, gamma.
 
     Returns:
-        (n_rows,) bool, True where the row lesion is detected.
+        (n_tested,) bool, True where the lesion is detected.
     """
-    n_rows = row_sizes.shape[0]
-    covered = np.bincount(rows, weights=counts, minlength=n_rows + 1)[1:]
-    col_cov = np.bincount(cols, weights=counts, minlength=col_sizes.shape[0] + 1)[1:]
-    col_outside = (col_sizes - col_cov) / col_sizes
-    detected = np.zeros(n_rows, dtype=bool)
-    order = np.lexsort((cols, -counts, rows))
-    r_sorted, c_sorted, n_sorted = rows[order], cols[order].tolist(), counts[order].tolist()
-    bounds = np.searchsorted(r_sorted, np.arange(1, n_rows + 2)).tolist()
-    for r in range(1, n_rows + 1):
-        lo, hi = bounds[r - 1], bounds[r]
-        if lo == hi or not covered[r - 1] / row_sizes[r - 1] > rule.alpha:
+    n_tested = tested_sizes.shape[0]
+    covered = np.bincount(tested_ids, weights=overlap_voxels, minlength=n_tested + 1)[1:]
+    other_covered = np.bincount(
+        other_ids, weights=overlap_voxels, minlength=other_sizes.shape[0] + 1
+    )[1:]
+    other_outside = (other_sizes - other_covered) / other_sizes
+    detected = np.zeros(n_tested, dtype=bool)
+    # per tested lesion, its partners by decreasing overlap (ties: increasing id)
+    order = np.lexsort((other_ids, -overlap_voxels, tested_ids))
+    partners, overlaps = other_ids[order].tolist(), overlap_voxels[order].tolist()
+    bounds = np.searchsorted(tested_ids[order], np.arange(1, n_tested + 2)).tolist()
+    for lesion in range(1, n_tested + 1):
+        first, end = bounds[lesion - 1], bounds[lesion]
+        total = covered[lesion - 1]  # voxels of the lesion covered by the other side
+        if first == end or not total / tested_sizes[lesion - 1] > rule.alpha:
             continue
-        total, share, k, failed = covered[r - 1], 0.0, 0, False
-        while share < rule.gamma and k < n_rows_kept + 1 and lo + k < hi and not failed:
-            failed = col_outside[c_sorted[lo + k] - 1] > rule.beta
-            if not failed:
-                share += n_sorted[lo + k] / total
-            k += 1
-        detected[r - 1] = not failed
+        share, visited, failed = 0.0, 0, False
+        while share < rule.gamma and visited < n_tested_kept + 1 and first + visited < end:
+            failed = other_outside[partners[first + visited] - 1] > rule.beta
+            if failed:
+                break
+            share += overlaps[first + visited] / total
+            visited += 1
+        detected[lesion - 1] = not failed
     return detected
 
 
-def _greedy(
-    r: np.ndarray, p: np.ndarray, n: np.ndarray, ref: Components, pred: Components, rule: LesionRule
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One-to-one best-first matching; returns matched (ref ids, pred ids, overlaps)."""
-    rs, ps = ref.sizes[r - 1].astype(np.float64), pred.sizes[p - 1].astype(np.float64)
-    nf = n.astype(np.float64)
-    score = nf / (rs + ps - nf) if rule.match == "iou" else 2.0 * nf / (rs + ps)
-    order = np.lexsort((r, p, -score))
-    taken_r = np.zeros(ref.n + 1, dtype=bool)
-    taken_p = np.zeros(pred.n + 1, dtype=bool)
-    chosen = []
-    for i in order.tolist():
+def _match_anima(
+    overlap: _Pairs,
+    ref: Components,
+    pred: Components,
+    ref_kept: int,
+    pred_kept: int,
+    rule: LesionRule,
+) -> _Decision:
+    """MSSEG 2016 (Anima): coverage tests both ways; overlapping pairs are the matches."""
+    ref_hit = _anima_detected(
+        overlap.ref, overlap.pred, overlap.voxels, ref.sizes, pred.sizes, ref_kept, rule
+    )
+    pred_hit = _anima_detected(
+        overlap.pred, overlap.ref, overlap.voxels, pred.sizes, ref.sizes, pred_kept, rule
+    )
+    ref_dice, pred_dice = _both_union_dice(overlap, overlap, ref, pred)
+    ref_dice[~ref_hit] = 0.0  # overlapping but not detected: scores 0, as a missed lesion
+    pred_dice[~pred_hit] = 0.0
+    return _Decision(overlap, ref_hit, pred_hit, pred_hit.copy(), ref_dice, pred_dice, np.zeros(0))
+
+
+def _greedy(overlap: _Pairs, ref: Components, pred: Components, rule: LesionRule) -> _Pairs:
+    """One-to-one best-first matching: the accepted pairs, best score first."""
+    ref_size = ref.sizes[overlap.ref - 1].astype(np.float64)
+    pred_size = pred.sizes[overlap.pred - 1].astype(np.float64)
+    shared = overlap.voxels.astype(np.float64)
+    if rule.match == "iou":
+        score = shared / (ref_size + pred_size - shared)
+    else:
+        score = 2.0 * shared / (ref_size + pred_size)
+    ref_taken = np.zeros(ref.n + 1, dtype=bool)
+    pred_taken = np.zeros(pred.n + 1, dtype=bool)
+    accepted = []
+    for i in np.lexsort((overlap.ref, overlap.pred, -score)).tolist():
         if score[i] < rule.threshold:
             break
-        if taken_r[r[i]] or taken_p[p[i]]:
+        ref_id, pred_id = overlap.ref[i], overlap.pred[i]
+        if ref_taken[ref_id] or pred_taken[pred_id]:
             continue
-        taken_r[r[i]] = taken_p[p[i]] = True
-        chosen.append(i)
-    sel = np.asarray(chosen, dtype=np.intp)
-    return r[sel], p[sel], n[sel]
+        ref_taken[ref_id] = pred_taken[pred_id] = True
+        accepted.append(i)
+    sel = np.asarray(accepted, dtype=np.intp)
+    return _Pairs(overlap.ref[sel], overlap.pred[sel], overlap.voxels[sel])
+
+
+def _match_one_to_one(
+    overlap: _Pairs, ref: Components, pred: Components, ref_small: np.ndarray, rule: LesionRule
+) -> _Decision:
+    """Panoptica: greedy IoU / Dice pairs; each lesion scores the Dice of its one match."""
+    matched = _greedy(overlap, ref, pred, rule)
+    ref_hit = np.zeros(ref.n, dtype=bool)
+    pred_hit = np.zeros(pred.n, dtype=bool)
+    pred_touch = np.zeros(pred.n, dtype=bool)
+    ref_hit[matched.ref - 1] = True
+    pred_touch[matched.pred - 1] = True
+    counted = ~ref_small[matched.ref - 1]
+    pred_hit[matched.pred[counted] - 1] = True
+    both_sizes = ref.sizes[matched.ref - 1] + pred.sizes[matched.pred - 1]
+    ref_dice = np.zeros(ref.n)
+    pred_dice = np.zeros(pred.n)
+    ref_dice[matched.ref - 1] = 2.0 * matched.voxels / both_sizes
+    pred_dice[matched.pred - 1] = 2.0 * matched.voxels / both_sizes
+    match_iou = (matched.voxels / (both_sizes - matched.voxels))[counted]
+    return _Decision(matched, ref_hit, pred_hit, pred_touch, ref_dice, pred_dice, match_iou)
+
+
+def _statuses(
+    ref_small: np.ndarray, pred_small: np.ndarray, decision: _Decision
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``TP``/``FN``/``ignored`` per reference lesion, ``TP``/``FP``/``ignored`` per prediction."""
+    ref_status = tuple(
+        IGNORED if small else (TP if hit else FN)
+        for small, hit in zip(ref_small.tolist(), decision.ref_hit.tolist(), strict=True)
+    )
+    pred_status = tuple(
+        IGNORED if small or (touch and not hit) else (TP if hit else FP)
+        for small, hit, touch in zip(
+            pred_small.tolist(),
+            decision.pred_hit.tolist(),
+            decision.pred_touch.tolist(),
+            strict=True,
+        )
+    )
+    return ref_status, pred_status
 
 
 def match_lesions(
@@ -360,86 +524,36 @@ def match_lesions(
         The lesions of both masks with their status, matches and per-lesion Dice.
     """
     voxel_mm3 = float(np.prod(spacing))
-    if rule.dilation_iters:
-        struct = ndimage.generate_binary_structure(3, 2)
-        region = (
-            ndimage.binary_dilation(ref, structure=struct, iterations=rule.dilation_iters)
-            if ref.any()
-            else ref
-        )
-        region_labels, n_ref = _label(region, rule.connectivity)
-        ref_labels = np.where(ref, region_labels, 0).astype(region_labels.dtype)
-    else:
-        ref_labels, n_ref = _label(ref, rule.connectivity)
-        region, region_labels = ref, ref_labels
-    pred_labels, n_pred = _label(pred, rule.connectivity)
-    rc, pc = _components(ref_labels, n_ref), _components(pred_labels, n_pred)
-
-    ref_small = rc.sizes * voxel_mm3 <= rule.min_ref_mm3
-    pred_small = pc.sizes * voxel_mm3 <= rule.min_pred_mm3
-    ir, ip, inn = _pairs(ref_labels, pred_labels, ref & pred, n_pred)
-    if rule.dilation_iters:
-        mr, mp, _ = _pairs(region_labels, pred_labels, region & pred, n_pred)
-    else:
-        mr, mp = ir, ip
+    ref_labels, n_ref, region, region_labels = _reference_lesions(ref, rule)
+    pred_labels, n_pred = label_components(pred, rule.connectivity)
+    ref_lesions, pred_lesions = _components(ref_labels, n_ref), _components(pred_labels, n_pred)
+    ref_small = ref_lesions.sizes * voxel_mm3 <= rule.min_ref_mm3
+    pred_small = pred_lesions.sizes * voxel_mm3 <= rule.min_pred_mm3
     # removed lesions leave the tables (their voxels count as background)
-    drop_ref = ref_small if rule.small_ref == "remove" else np.zeros(n_ref, dtype=bool)
-    keep = ~(drop_ref[ir - 1] | pred_small[ip - 1])
-    ir, ip, inn = ir[keep], ip[keep], inn[keep]
-    keep = ~(drop_ref[mr - 1] | pred_small[mp - 1])
-    mr, mp = mr[keep], mp[keep]
+    ref_removed = ref_small if rule.small_ref == "remove" else np.zeros(n_ref, dtype=bool)
+    overlap = _overlap_pairs(ref_labels, pred_labels, ref & pred, n_pred)
+    overlap = overlap.without(ref_removed, pred_small)
+    touch = overlap
+    if rule.dilation_iters:
+        touch = _overlap_pairs(region_labels, pred_labels, region & pred, n_pred)
+        touch = touch.without(ref_removed, pred_small)
 
-    ref_hit = np.zeros(n_ref, dtype=bool)
-    pred_hit = np.zeros(n_pred, dtype=bool)  # matched to a counted reference lesion
-    pred_touch = np.zeros(n_pred, dtype=bool)  # matched to any (counted or ignored) lesion
-    match_iou = np.zeros(0)
     if rule.one_to_one:
-        mr, mp, mn = _greedy(ir, ip, inn, rc, pc, rule)
-        ref_hit[mr - 1] = True
-        pred_touch[mp - 1] = True
-        counted = ~ref_small[mr - 1]
-        pred_hit[mp[counted] - 1] = True
-        both_sizes = rc.sizes[mr - 1] + pc.sizes[mp - 1]
-        ref_dice = np.zeros(n_ref)
-        pred_dice = np.zeros(n_pred)
-        ref_dice[mr - 1] = 2.0 * mn / both_sizes
-        pred_dice[mp - 1] = 2.0 * mn / both_sizes
-        match_iou = (mn / (both_sizes - mn))[counted]
+        decision = _match_one_to_one(overlap, ref_lesions, pred_lesions, ref_small, rule)
+    elif rule.match == "anima":
+        ref_kept, pred_kept = int((~ref_removed).sum()), int((~pred_small).sum())
+        decision = _match_anima(overlap, ref_lesions, pred_lesions, ref_kept, pred_kept, rule)
     else:
-        if rule.match == "anima":
-            ref_hit = _anima_detected(ir, ip, inn, rc.sizes, pc.sizes, int((~drop_ref).sum()), rule)
-            pred_hit = _anima_detected(
-                ip, ir, inn, pc.sizes, rc.sizes, int((~pred_small).sum()), rule
-            )
-            pred_touch = pred_hit.copy()
-        else:
-            ref_hit[mr - 1] = True
-            pred_touch[mp - 1] = True
-            pred_hit[mp[~ref_small[mr - 1]] - 1] = True
-        ref_dice = _union_dice(mr, mp, ir, inn, rc.sizes, pc.sizes)
-        pred_dice = _union_dice(mp, mr, ip, inn, pc.sizes, rc.sizes)
-        if rule.match == "anima":  # overlapping but not detected: scores 0, as a missed lesion
-            ref_dice[~ref_hit] = 0.0
-            pred_dice[~pred_hit] = 0.0
-
-    ref_status = tuple(
-        IGNORED if small else (TP if hit else FN)
-        for small, hit in zip(ref_small.tolist(), ref_hit.tolist(), strict=True)
-    )
-    pred_status = tuple(
-        IGNORED if small or (touch and not hit) else (TP if hit else FP)
-        for small, hit, touch in zip(
-            pred_small.tolist(), pred_hit.tolist(), pred_touch.tolist(), strict=True
-        )
-    )
+        decision = _match_any_overlap(touch, overlap, ref_lesions, pred_lesions, ref_small)
+    ref_status, pred_status = _statuses(ref_small, pred_small, decision)
     return Matching(
-        ref=rc,
-        pred=pc,
+        ref=ref_lesions,
+        pred=pred_lesions,
         ref_status=ref_status,
         pred_status=pred_status,
-        ref_matched=_group(mr, mp, n_ref),
-        pred_matched=_group(mp, mr, n_pred),
-        ref_dice=ref_dice,
-        pred_dice=pred_dice,
-        match_iou=match_iou,
+        ref_matched=_group(decision.matched.ref, decision.matched.pred, n_ref),
+        pred_matched=_group(decision.matched.pred, decision.matched.ref, n_pred),
+        ref_dice=decision.ref_dice,
+        pred_dice=decision.pred_dice,
+        match_iou=decision.match_iou,
     )

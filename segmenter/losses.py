@@ -24,21 +24,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from segmenter.config import LossConfig
+from segmenter.config import ACTIVATIONS, LOSS_NAMES, Activation, LossConfig
 
-Activation = Literal["sigmoid", "softmax"]
 Reduction = Literal["mean", "sum", "none"]
-
-ACTIVATIONS: tuple[str, ...] = ("sigmoid", "softmax")
-REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
-LOSS_NAMES: tuple[str, ...] = ("focal_dice", "dice_ce", "dice", "focal")
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 # Elements per chunk of the fused sigmoid path. On CPU its few scratch buffers (1 MiB each in
 # float32) stay in cache and are reused, which beats one pass per op over the whole volume; on

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from segmenter.components import bounding_box
 from segmenter.lesions import (
     FN,
     FP,
@@ -155,19 +156,6 @@ def _foreground(x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
     return a, a != 0
 
 
-def _extent(mask: np.ndarray) -> list[tuple[int, int]] | None:
-    """Per-axis [lo, hi) of the foreground, or None when empty."""
-    xy = mask.any(axis=2)
-    spans = [xy.any(axis=1), xy.any(axis=0), mask.any(axis=(0, 1))]
-    out = []
-    for hits in spans:
-        idx = np.flatnonzero(hits)
-        if idx.size == 0:
-            return None
-        out.append((int(idx[0]), int(idx[-1]) + 1))
-    return out
-
-
 def _crop_pair(
     pred: np.ndarray, ref: np.ndarray, margin: int = 0
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
@@ -180,15 +168,12 @@ def _crop_pair(
     (pa, pm), (ra, rm) = _foreground(pred, "pred"), _foreground(ref, "ref")
     if pa.shape != ra.shape:
         raise ValueError(f"pred and ref shapes differ: {pa.shape} vs {ra.shape}")
-    spans = [e for e in (_extent(pm), _extent(rm)) if e is not None]
-    if not spans:
+    boxes = [b for b in (bounding_box(pm, margin), bounding_box(rm, margin)) if b is not None]
+    if not boxes:
         empty = np.zeros((0, 0, 0), dtype=bool)
         return empty, empty, (0, 0, 0)
     box = tuple(
-        slice(
-            max(min(s[axis][0] for s in spans) - margin, 0),
-            min(max(s[axis][1] for s in spans) + margin, pa.shape[axis]),
-        )
+        slice(min(b[axis].start for b in boxes), max(b[axis].stop for b in boxes))
         for axis in range(3)
     )
     crops = []
@@ -346,6 +331,48 @@ def _lesion_hd95(m: Matching, r: int, spacing: tuple[float, float, float], miss:
     return _hd(np.isin(m.pred.labels[box], ids), m.ref.labels[box] == r, spacing, 95.0)
 
 
+def _lesion_f1(
+    rule: LesionRule, n_ref: int, n_pred: int, tp: int, fp: int, fn: int, rates: tuple[float, float]
+) -> float:
+    """Lesion F1 by :attr:`LesionRule.f1` (ISLES'22 counts or Anima's harmonic mean of
+    ``rates`` = (recall, precision)); NaN when the case has no lesion on either side."""
+    if n_ref + n_pred == 0:
+        return math.nan
+    if rule.f1 == "counts":
+        return tp / (tp + 0.5 * (fp + fn))
+    recall, precision = rates
+    if n_ref == 0 or n_pred == 0 or precision + recall == 0:
+        return 0.0  # Anima divides 0 by 0 here; a case with lesions and no detection scores 0
+    return 2 * precision * recall / (precision + recall)
+
+
+def _panoptic_quality(match_iou: np.ndarray, f1: float, n_lesions: int) -> dict[str, float]:
+    """RQ, SQ and PQ of a one-to-one matching (Kirillov et al. 2019; panoptica's conventions)."""
+    # panoptica's zero-TP convention: SQ 0 when lesions exist but none matched
+    sq = float(match_iou.mean()) if match_iou.size else (0.0 if n_lesions else math.nan)
+    return {"RQ": f1, "SQ": sq, "PQ": sq * f1}
+
+
+def _brats_lesionwise(
+    dice: np.ndarray, hd95: np.ndarray, fp: int, penalty_mm: float
+) -> dict[str, float]:
+    """BraTS 2023 lesion-wise means: each false-positive lesion adds Dice 0 / HD95 penalty.
+
+    Args:
+        dice: (n_ref,) per-lesion Dice of the counted reference lesions.
+        hd95: (n_ref,) their per-lesion HD95 in mm (a missed lesion holds the penalty).
+        fp: number of false-positive lesions.
+        penalty_mm: HD95 of a false-positive lesion.
+    """
+    n_ref = dice.shape[0]
+    denom = n_ref + fp
+    return {
+        "lesion_hd95": float(hd95.mean()) if n_ref else math.nan,
+        "lesionwise_dice": float(dice.sum()) / denom if denom else 1.0,
+        "lesionwise_hd95": (float(hd95.sum()) + fp * penalty_mm) / denom if denom else 0.0,
+    }
+
+
 def _summary(
     m: Matching,
     rule: LesionRule,
@@ -353,6 +380,7 @@ def _summary(
     voxel_mm3: float,
     ref_hd95: np.ndarray,
 ) -> dict[str, Any]:
+    """The :attr:`LesionResult.summary` of one matching (keys in ``summary.json`` order)."""
     ref_status, pred_status = np.asarray(m.ref_status), np.asarray(m.pred_status)
     counted_ref = ref_status != IGNORED
     n_ref, tp = int(counted_ref.sum()), int((ref_status == TP).sum())
@@ -361,14 +389,7 @@ def _summary(
     n_pred = fp + tp_pred
     recall = tp / n_ref if n_ref else math.nan
     precision = tp_pred / n_pred if n_pred else math.nan
-    if n_ref + n_pred == 0:
-        f1 = math.nan
-    elif rule.f1 == "counts":
-        f1 = tp / (tp + 0.5 * (fp + fn))
-    elif n_ref == 0 or n_pred == 0 or precision + recall == 0:
-        f1 = 0.0  # Anima divides 0 by 0 here; a case with lesions and no detection scores 0
-    else:
-        f1 = 2 * precision * recall / (precision + recall)
+    f1 = _lesion_f1(rule, n_ref, n_pred, tp, fp, fn, (recall, precision))
     dice = m.ref_dice[counted_ref]
     out: dict[str, Any] = {
         "n_ref": n_ref,
@@ -389,18 +410,61 @@ def _summary(
         ),
     }
     if rule.one_to_one:
-        iou = m.match_iou
-        out["RQ"] = f1
-        # panoptica's zero-TP convention: SQ 0 when lesions exist but none matched
-        out["SQ"] = float(iou.mean()) if iou.size else (0.0 if n_ref + n_pred else math.nan)
-        out["PQ"] = out["SQ"] * f1
+        out.update(_panoptic_quality(m.match_iou, f1, n_ref + n_pred))
     if rule.hd95_penalty_mm is not None:
-        hd = ref_hd95[counted_ref]
-        penalty, denom = rule.hd95_penalty_mm, n_ref + fp
-        out["lesion_hd95"] = float(hd.mean()) if n_ref else math.nan
-        out["lesionwise_dice"] = float(dice.sum()) / denom if denom else 1.0
-        out["lesionwise_hd95"] = (float(hd.sum()) + fp * penalty) / denom if denom else 0.0
+        out.update(_brats_lesionwise(dice, ref_hd95[counted_ref], fp, rule.hd95_penalty_mm))
     return out
+
+
+def _resolve_rule(rule: LesionRule | str) -> LesionRule:
+    """The rule itself, or the preset of that name."""
+    if isinstance(rule, str):
+        if rule not in PRESETS:
+            raise ValueError(f"unknown lesion preset {rule!r}; valid: {', '.join(PRESETS)}")
+        return PRESETS[rule]
+    if not isinstance(rule, LesionRule):
+        raise TypeError(f"rule must be a LesionRule or a preset name, got {type(rule).__name__}")
+    return rule
+
+
+def _reference_hd95(
+    m: Matching, spacing: tuple[float, float, float], rule: LesionRule
+) -> np.ndarray:
+    """(n_ref,) per-lesion HD95 of the counted reference lesions; NaN elsewhere or unasked."""
+    ref_hd95 = np.full(m.ref.n, math.nan)
+    if rule.hd95_penalty_mm is not None:
+        for i, status in enumerate(m.ref_status):
+            if status != IGNORED:
+                ref_hd95[i] = _lesion_hd95(m, i + 1, spacing, rule.hd95_penalty_mm)
+    return ref_hd95
+
+
+def _records(
+    m: Matching, offset: tuple[int, int, int], voxel_mm3: float, ref_hd95: np.ndarray
+) -> list[LesionRecord]:
+    """One record per reference lesion, then per predicted lesion; centroids in input voxels."""
+    shift = np.asarray(offset, dtype=np.float64)
+    records = []
+    for source, comp, status, matched, dice, hd in (
+        ("ref", m.ref, m.ref_status, m.ref_matched, m.ref_dice, ref_hd95),
+        ("pred", m.pred, m.pred_status, m.pred_matched, m.pred_dice, np.full(m.pred.n, math.nan)),
+    ):
+        volumes = (comp.sizes * voxel_mm3).tolist()
+        centroids = (comp.centroids + shift).tolist()
+        for i in range(comp.n):
+            records.append(
+                LesionRecord(
+                    source=source,
+                    id=i + 1,
+                    volume_mm3=volumes[i],
+                    centroid_vox=tuple(centroids[i]),
+                    matched=matched[i],
+                    dice=math.nan if status[i] == IGNORED else float(dice[i]),
+                    status=status[i],
+                    hd95=float(hd[i]),
+                )
+            )
+    return records
 
 
 def lesion_metrics(
@@ -424,45 +488,16 @@ def lesion_metrics(
 
     Raises:
         ValueError: shapes differ, not 3D, not binary, bad spacing, bins or preset name.
+        TypeError: ``rule`` is neither a :class:`LesionRule` nor a preset name.
     """
-    if isinstance(rule, str):
-        if rule not in PRESETS:
-            raise ValueError(f"unknown lesion preset {rule!r}; valid: {', '.join(PRESETS)}")
-        rule = PRESETS[rule]
-    elif not isinstance(rule, LesionRule):
-        raise TypeError(f"rule must be a LesionRule or a preset name, got {type(rule).__name__}")
+    rule = _resolve_rule(rule)
     bins = _bins(size_bins_mm3)
     sp = _spacing(spacing)
     margin = rule.dilation_iters + 1 if rule.dilation_iters else 0
     pred_c, ref_c, offset = _crop_pair(pred, ref, margin)
     m = match_lesions(pred_c, ref_c, sp, rule)
     voxel_mm3 = float(np.prod(sp))
-
-    ref_hd95 = np.full(m.ref.n, math.nan)
-    if rule.hd95_penalty_mm is not None:
-        for i, status in enumerate(m.ref_status):
-            if status != IGNORED:
-                ref_hd95[i] = _lesion_hd95(m, i + 1, sp, rule.hd95_penalty_mm)
-
-    shift = np.asarray(offset, dtype=np.float64)
-    records = []
-    for source, comp, status, matched, dice, hd in (
-        ("ref", m.ref, m.ref_status, m.ref_matched, m.ref_dice, ref_hd95),
-        ("pred", m.pred, m.pred_status, m.pred_matched, m.pred_dice, np.full(m.pred.n, math.nan)),
-    ):
-        volumes = (comp.sizes * voxel_mm3).tolist()
-        centroids = (comp.centroids + shift).tolist()
-        for i in range(comp.n):
-            records.append(
-                LesionRecord(
-                    source=source,
-                    id=i + 1,
-                    volume_mm3=volumes[i],
-                    centroid_vox=tuple(centroids[i]),
-                    matched=matched[i],
-                    dice=math.nan if status[i] == IGNORED else float(dice[i]),
-                    status=status[i],
-                    hd95=float(hd[i]),
-                )
-            )
-    return LesionResult(_summary(m, rule, bins, voxel_mm3, ref_hd95), records)
+    ref_hd95 = _reference_hd95(m, sp, rule)
+    return LesionResult(
+        _summary(m, rule, bins, voxel_mm3, ref_hd95), _records(m, offset, voxel_mm3, ref_hd95)
+    )

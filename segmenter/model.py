@@ -16,22 +16,9 @@ their first stage and one conv per decoder stage). ``python scripts/bench_train.
 default against MONAI's ``UNet`` (README, Speed: 0.177 vs 0.229 s per (2, 2, 64^3) bf16 step on
 2 EPYC cores; nnU-Net's plain layout at 16 filters ran 0.35x MONAI's voxel throughput there).
 
-Own blocks or MONAI's ``DynUNet``? Both were measured at equal topology (same kernels,
-strides, filters, instance norm; 1,401,585 parameters each for nnU-Net's plain layout at
-16..128 filters, 2 -> 1 channels) with ``python scripts/bench_model.py --repeats 8``: forward
-+ backward of a (2, 2, 64, 64, 64) batch, 2 threads, on a 2-core AVX512-BF16 EPYC shared with
-other jobs.
-Median step time, own vs DynUNet: float32 2.35 vs 2.32 s (ratio 1.02, minima 0.99), bf16
-autocast 0.98 vs 0.94 s (1.04, minima 0.98); earlier runs gave ratios of 0.91..1.17 either way,
-and a 14-pair bf16 A/B a median paired ratio of 0.98. They run the same ATen kernels, and
-``tests/test_model.py`` loads DynUNet's weights into this model and gets the same logits: speed
-and numerics are equal within noise. The tie goes to our own small blocks rather than
-``DynUNet`` because only they give what the callers need: deep-supervision outputs at their
-native resolution (``DynUNet`` upsamples and stacks them, and stores them on ``self`` during
-``forward``), depth 2, any input size, and nnU-Net v2's decoder kernels for anisotropic data
-(``DynUNet``'s decoder convolutions take the kernel of the level below).
-``torch.autocast("cpu", dtype=torch.bfloat16)`` made the step 2.4x faster than float32 on that
-CPU (2.2..2.8x across runs); using it is the training loop's choice.
+Own blocks, not MONAI's ``DynUNet``: at equal topology both are as fast (``scripts/bench_model.py``)
+and give the same logits (``tests/test_model.py``); only ours give deep-supervision outputs at
+native resolution, depth 2, any input size and nnU-Net v2's decoder kernels for anisotropic data.
 
 Anisotropy (nnU-Net's planning rule): with ``spacing`` given, an axis whose spacing is at least
 twice the finest current spacing is not downsampled until the other axes have caught up, and

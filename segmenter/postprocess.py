@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cc3d
 import numpy as np
+
+from segmenter.components import component_sizes, label_components
 
 
 def binarize(probabilities: np.ndarray, threshold: float) -> np.ndarray:
@@ -45,10 +46,8 @@ def remove_small_lesions(
     if min_mm3 <= 0 or not out.any():
         return out
     voxel_mm3 = float(np.prod(np.asarray(spacing, dtype=np.float64)))
-    labels, n = cc3d.connected_components(out, connectivity=connectivity, return_N=True)
-    sizes_mm3 = np.bincount(labels.ravel(order="K"), minlength=n + 1) * voxel_mm3
-    keep = sizes_mm3 >= min_mm3
-    keep[0] = False
+    labels, n = label_components(out, connectivity)
+    keep = np.concatenate(([False], component_sizes(labels, n) * voxel_mm3 >= min_mm3))
     return keep[labels].astype(np.uint8)
 
 

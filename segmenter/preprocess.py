@@ -31,6 +31,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from segmenter import io, resample
+from segmenter.components import bounding_box
 from segmenter.config import ChannelNormalization
 from segmenter.errors import InputError
 from segmenter.prep_spec import PreprocessingSpec
@@ -93,16 +94,12 @@ def nonzero_bbox(images: np.ndarray) -> CropBox:
     if images.ndim != 4:
         raise ValueError(f"images must be (C, X, Y, Z), got shape {images.shape}")
     shape = tuple(int(n) for n in images.shape[1:])
-    nonzero = (images != 0).any(axis=0)
-    lo, hi = [], []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(nonzero.any(axis=others))
-        if hits.size == 0:
-            return CropBox.whole(shape)
-        lo.append(int(hits[0]))
-        hi.append(int(hits[-1]) + 1)
-    return CropBox(tuple(lo), tuple(hi), shape)  # type: ignore[arg-type]
+    box = bounding_box((images != 0).any(axis=0))
+    if box is None:
+        return CropBox.whole(shape)
+    lo = tuple(s.start for s in box)
+    hi = tuple(s.stop for s in box)
+    return CropBox(lo, hi, shape)  # type: ignore[arg-type]
 
 
 def crop(arr: np.ndarray, box: CropBox) -> np.ndarray:

@@ -1,10 +1,15 @@
 """Measure cases and write evaluation reports (numpy only: no torch, no image I/O).
 
-Builds nnU-Net's ``summary.json`` schema (``metric_per_case``, ``mean``, ``foreground_mean``)
-extended with a ``lesion`` block per case and overall, ``lesions.csv`` with one row per reference
-and per predicted lesion, and the compact table the CLI prints. Lesion metrics are computed on
-the foreground (every label > 0 together): a lesion is a lesion whatever its class. Shared by
-``segmenter evaluate`` (files) and training's validation (arrays in memory).
+Shared by ``segmenter evaluate`` (files) and training's validation (arrays in memory):
+
+- :func:`measure_case`: voxel metrics per label and lesion metrics on the foreground (every
+  label > 0 together: a lesion is a lesion whatever its class);
+- :func:`summarise`: nnU-Net's ``summary.json`` schema (``metric_per_case``, ``mean``,
+  ``foreground_mean``) plus a ``lesion`` block per case and overall: NaN-aware means that say
+  how many cases they cover, and ``pooled`` lesion counts summed over cases;
+- :func:`lesions_csv_text`: ``lesions.csv``, one row per reference and per predicted lesion;
+- :func:`format_table`: the compact table the CLI prints;
+- :func:`summary_json`, :func:`write_report`: strict JSON (NaN as null), written atomically.
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import cc3d
 import numpy as np
 from scipy import ndimage as ndi
+
+from segmenter.components import label_components
 
 #: Ratio of coarsest to finest spacing above which data count as anisotropic (nnU-Net: 3).
 ANISOTROPY_THRESHOLD = 3.0
@@ -194,7 +195,7 @@ def _rescue(prob: np.ndarray, keep: np.ndarray) -> np.ndarray:
     extra = np.zeros(prob.shape, dtype=bool)
     if not support.any():
         return extra
-    regions, n = cc3d.connected_components(support, connectivity=26, return_N=True)
+    regions, n = label_components(support, connectivity=26)
     ids = np.arange(1, n + 1)
     peaks = np.asarray(ndi.maximum(prob, regions, ids))
     kept = np.asarray(ndi.maximum(keep.astype(np.uint8), regions, ids)) > 0

@@ -36,11 +36,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import cc3d
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from segmenter.components import component_sizes, label_components
 from segmenter.config import AugmentConfig, DataConfig
 from segmenter.transforms import apply_intensity, apply_spatial, sample_spatial, source_shape
 
@@ -71,12 +71,12 @@ class LesionIndex:
         """Index ``label > 0`` (``(X, Y, Z)``) by connected component."""
         mask = label > 0
         dtype = np.int32 if mask.size < 2**31 else np.int64
-        components, n = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+        components, n = label_components(mask, connectivity)
         flat = components.reshape(-1)
         fg = np.flatnonzero(flat)
         comp = flat[fg]
         order = np.argsort(comp, kind="stable")
-        counts = np.bincount(comp, minlength=n + 1)[1:]
+        counts = component_sizes(comp, n)
         offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         return cls(fg[order].astype(dtype), offsets)
 

@@ -31,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.spatial.transform import Rotation
 from scipy.special import expit
 from tqdm import tqdm
 
 from segmenter.atomic import write_text
 from segmenter.errors import InputError
 from segmenter.io import write_image
+from segmenter.rotation import rotation_matrix
 
 #: Contrast names, in channel order.
 CONTRASTS: tuple[str, ...] = ("FLAIR", "T1", "T2", "T1ce", "PD", "DWI")
@@ -297,11 +297,6 @@ class _Grid:
         return np.sqrt(total)
 
 
-def _rotation(angles: np.ndarray) -> np.ndarray:
-    """Rotation matrix Rz @ Ry @ Rx: about fixed X, then Y, then Z by ``angles`` (radians)."""
-    return Rotation.from_euler("xyz", angles).as_matrix()
-
-
 def _soft(thr: float | np.ndarray, f: np.ndarray, width: float) -> np.ndarray:
     """Partial-volume membership of ``f < thr`` with an edge of about ``4 * width``."""
     return expit((thr - f) / width).astype(np.float32, copy=False)
@@ -370,11 +365,11 @@ def _anatomy(rng: np.random.Generator, grid: _Grid, size: int) -> _Anatomy:
     for side in (-1.0, 1.0):
         c = np.array([side * rng.uniform(0.15, 0.2), rng.uniform(-0.08, 0.0), -0.02])
         s = np.array([0.09, 0.17, 0.11]) * rng.uniform(0.9, 1.1, 3)
-        e = grid.ellipsoid(c, s, _rotation(np.array([0.0, 0.0, side * 0.25])))
+        e = grid.ellipsoid(c, s, rotation_matrix(np.array([0.0, 0.0, side * 0.25])))
         dgm_f = e if dgm_f is None else np.minimum(dgm_f, e)
         c = np.array([side * 0.085 * scale_v, rng.uniform(-0.03, 0.03), 0.12])
         s = np.array([0.06 * scale_v, 0.30, 0.11 * scale_v]) * rng.uniform(0.9, 1.1, 3)
-        e = grid.ellipsoid(c, s, _rotation(np.array([0.0, side * 0.15, side * 0.2])))
+        e = grid.ellipsoid(c, s, rotation_matrix(np.array([0.0, side * 0.15, side * 0.2])))
         vent_f = e if vent_f is None else np.minimum(vent_f, e)
     vent_f = vent_f + 0.12 * mid
     dgm = _soft(1.0, dgm_f + 0.08 * low, 4 * width)
@@ -450,7 +445,7 @@ def _lesion_blob(rng: np.random.Generator, step: tuple[float, ...], radius: floa
         offset = np.zeros(3) if k == 0 else rng.uniform(-0.6, 0.6, 3) * radius
         r = radius if k == 0 else radius * rng.uniform(0.5, 0.85)
         semi = r * rng.uniform(0.7, 1.3, 3)
-        rot = _rotation(rng.uniform(-np.pi, np.pi, 3))
+        rot = rotation_matrix(rng.uniform(-np.pi, np.pi, 3))
         dx, dy, dz = x - offset[0], y - offset[1], z - offset[2]
         d2 = None
         for a in range(3):
@@ -588,7 +583,7 @@ def _affine(rng: np.random.Generator, spec: PhantomSpec) -> np.ndarray:
     linear = np.diag(spec.spacing)
     if spec.oblique:
         angles = np.radians(rng.uniform(5.0, 20.0, 3) * rng.choice([-1.0, 1.0], 3))
-        linear = _rotation(angles) @ linear
+        linear = rotation_matrix(angles) @ linear
     affine = np.eye(4)
     affine[:3, :3] = linear
     centre = (np.asarray(spec.shape, dtype=np.float64) - 1.0) / 2.0

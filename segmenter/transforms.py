@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.spatial.transform import Rotation
 
 from segmenter.config import AugmentConfig
+from segmenter.rotation import rotation_matrix
 
 #: Ranges of the intensity augmentations (nnU-Net's defaults).
 BRIGHTNESS_RANGE = (0.75, 1.25)
@@ -56,11 +56,6 @@ class SpatialParams:
     flips: tuple[bool, bool, bool]
 
 
-def _rotation(angles: np.ndarray) -> np.ndarray:
-    """Rotation matrix Rz @ Ry @ Rx: about fixed X, then Y, then Z by ``angles`` (radians)."""
-    return Rotation.from_euler("xyz", angles).as_matrix()
-
-
 def sample_spatial(cfg: AugmentConfig, gen: np.random.Generator) -> SpatialParams:
     """Draw flips and, with probability ``rotate_scale_prob``, a rotation + isotropic scaling.
 
@@ -81,7 +76,7 @@ def sample_spatial(cfg: AugmentConfig, gen: np.random.Generator) -> SpatialParam
         limit = math.radians(cfg.rotation_deg)
         angles = gen.uniform(-limit, limit, size=3)
         scale = gen.uniform(cfg.scale_range[0], cfg.scale_range[1])
-        matrix = _rotation(angles) / scale
+        matrix = rotation_matrix(angles) / scale
     flips = tuple(bool(f) for f in gen.random(3) < cfg.flip_prob)
     return SpatialParams(matrix, flips)  # type: ignore[arg-type]
 

@@ -1,19 +1,21 @@
 """Post-processing tuned on held-out probabilities: threshold and minimum lesion size.
 
-One grid search serves the per-fold threshold tuning at the end of training and the
-out-of-fold tuning of ``segmenter crossval``. For every (threshold, minimum lesion size in mm3)
-pair of the grid, each case's probabilities are thresholded, lesions below the size removed,
-and the masks scored against the references: pooled lesion recall, precision and F1 (counts
-summed over cases) and the mean voxel Dice over cases with a lesion in either mask. Each case
-is first cropped to the box holding its reference and every voxel the lowest threshold marks
-(same scores, a fraction of the voxels: a brain tumour case is 9 million voxels). The sizes
-tried grow with the data's lesions (:func:`min_size_grid`).
+One grid search (:func:`grid_search`) serves the per-fold threshold tuning at the end of
+training and the out-of-fold tuning of ``segmenter crossval``:
 
-The criterion is the mean of pooled lesion F1 and mean Dice, not lesion F1 alone: under
-any-overlap matching (ISLES'22, the default) a low threshold that merges every lesion into one
-large blob detects them all with a single true-positive prediction, so F1 alone is maximised by
-a useless mask; Dice alone ignores small lesions. Ties go to the threshold nearer 0.5, then to
-the smaller minimum size.
+- grid: every (threshold, minimum lesion size in mm3) pair; the sizes grow with the data's
+  lesions (:func:`min_size_grid`);
+- crop: each case is first cropped to the box holding its reference and every voxel the lowest
+  threshold marks (same scores, a fraction of the voxels: a brain tumour case is 9 million);
+- score (:func:`score`): per grid point, each case's probabilities are thresholded, lesions
+  below the size removed, and the masks scored against the references: pooled lesion recall,
+  precision and F1 (counts summed over cases) and the mean voxel Dice over cases with a lesion
+  in either mask;
+- criterion: the mean of pooled lesion F1 and mean Dice. Not F1 alone: under any-overlap
+  matching (ISLES'22, the default) a low threshold that merges every lesion into one blob
+  detects them all with a single true-positive prediction, so F1 alone is maximised by a
+  useless mask; Dice alone ignores small lesions;
+- ties: the threshold nearer 0.5, then the smaller minimum size.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from segmenter import metrics
+from segmenter.components import bounding_box
 from segmenter.fingerprint import lesion_volumes_mm3
 from segmenter.lesions import LesionRule
 from segmenter.postprocess import probabilities_to_mask
@@ -130,19 +133,8 @@ def _candidate_box(
     Outside it every mask of the grid and the reference are 0, so scores are the same on the
     crop (the margin keeps BraTS's reference dilation unclipped, as :mod:`segmenter.metrics`).
     """
-    inside = (probabilities >= lowest) | (reference > 0)
-    box = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(inside.any(axis=others))
-        if hits.size == 0:
-            return (slice(0, 1),) * 3
-        box.append(
-            slice(
-                max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, inside.shape[axis])
-            )
-        )
-    return tuple(box)
+    box = bounding_box((probabilities >= lowest) | (reference > 0), margin)
+    return (slice(0, 1),) * 3 if box is None else box
 
 
 def grid_search(

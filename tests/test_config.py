@@ -4,13 +4,19 @@ import dataclasses
 import math
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from segmenter.config import (
+    ACTIVATIONS,
+    LOSS_NAMES,
+    PRESET_NAMES,
     Config,
     ConfigError,
+    EvaluationConfig,
+    LossConfig,
     apply_overrides,
     dump_config,
     load_config,
@@ -23,6 +29,14 @@ def test_defaults_need_no_file() -> None:
     assert cfg == Config()
     assert cfg.loss.name == "focal_dice"
     assert cfg.evaluation.preset == "isles22"
+
+
+def test_name_lists_are_the_choices_of_their_fields() -> None:
+    loss, evaluation = typing.get_type_hints(LossConfig), typing.get_type_hints(EvaluationConfig)
+    assert typing.get_args(loss["name"]) == LOSS_NAMES == ("focal_dice", "dice_ce", "dice", "focal")
+    assert typing.get_args(loss["activation"]) == ACTIVATIONS == ("sigmoid", "softmax")
+    assert typing.get_args(evaluation["preset"]) == PRESET_NAMES
+    assert PRESET_NAMES == ("isles22", "atlas", "brats23", "msseg", "panoptica")
 
 
 def test_config_is_frozen() -> None:
