@@ -10,6 +10,8 @@ Arrays are ``(X, Y, Z)`` in the axis order of :mod:`segmenter.io`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cc3d
 import numpy as np
 
@@ -85,3 +87,13 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice, slice
         lo, hi = int(idx[0]) - margin, int(idx[-1]) + 1 + margin
         box.append(slice(max(lo, 0), min(hi, mask.shape[axis])))
     return box[0], box[1], box[2]
+
+
+def lesion_volumes_mm3(
+    label: np.ndarray, spacing: Sequence[float], connectivity: int = 26
+) -> list[float]:
+    """Volume in mm3 of each connected component of ``label > 0``, largest first."""
+    labels, n = label_components(np.asarray(label) > 0, connectivity)
+    sizes = component_sizes(labels, n)
+    voxel_mm3 = float(np.prod([float(s) for s in spacing]))
+    return sorted((float(n) * voxel_mm3 for n in sizes if n > 0), reverse=True)

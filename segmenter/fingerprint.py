@@ -24,7 +24,7 @@ import numpy as np
 
 from segmenter import io
 from segmenter.atomic import write_text
-from segmenter.components import component_sizes, label_components
+from segmenter.components import lesion_volumes_mm3
 from segmenter.data import Case, Dataset
 from segmenter.preprocess import nonzero_bbox, nonzero_mask, read_case
 from segmenter.report import summary_json
@@ -49,16 +49,6 @@ def _channel_stats(values: np.ndarray) -> dict[str, Any]:
         "max": float(v.max()),
         "percentiles": {str(p): float(x) for p, x in zip(PERCENTILES, pct, strict=True)},
     }
-
-
-def lesion_volumes_mm3(
-    label: np.ndarray, spacing: Sequence[float], connectivity: int = CONNECTIVITY
-) -> list[float]:
-    """Volume in mm3 of each connected component of ``label > 0``, largest first."""
-    labels, n = label_components(np.asarray(label) > 0, connectivity)
-    sizes = component_sizes(labels, n)
-    voxel_mm3 = float(np.prod([float(s) for s in spacing]))
-    return sorted((float(n) * voxel_mm3 for n in sizes if n > 0), reverse=True)
 
 
 def case_fingerprint(case: Case) -> dict[str, Any]:

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from segmenter import metrics
-from segmenter.components import bounding_box
-from segmenter.fingerprint import lesion_volumes_mm3
+from segmenter.components import bounding_box, lesion_volumes_mm3
 from segmenter.lesions import LesionRule
 from segmenter.postprocess import probabilities_to_mask
 
