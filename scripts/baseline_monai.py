@@ -13,8 +13,8 @@ The split is one of our runs' ``splits.json`` (``--splits RUN/splits.json --fold
 pipelines train on the same cases and are scored on the same held-out cases; training stops
 at the first iteration after ``--minutes`` of wall clock (data loading included), the budget
 our ``train.max_minutes`` means. The masks are written with each scan's own affine and scored
-with ``segmenter.evaluate.evaluate_folders`` (same preset and size bins as our runs), so the
-numbers print and land in ``OUT/evaluation/summary.json`` exactly as ``segmenter evaluate``'s.
+with ``segmenter.evaluation.evaluate.evaluate_folders`` (same preset and size bins as our runs), so
+the numbers print and land in ``OUT/evaluation/summary.json`` exactly as ``segmenter evaluate``'s.
 
     python scripts/baseline_monai.py --dataset DATASET --splits RUN/splits.json --fold 0 \\
         --minutes 25 --out runs/baseline_fold0 [--patch 96 96 96] [--preset brats23]
@@ -50,9 +50,9 @@ from monai.transforms import (
 from monai.utils import set_determinism
 
 from segmenter.atomic import write_text
-from segmenter.data import load_dataset
-from segmenter.evaluate import evaluate_folders
-from segmenter.report import format_table, summary_json
+from segmenter.data.layout import load_dataset
+from segmenter.evaluation.evaluate import evaluate_folders
+from segmenter.evaluation.report import format_table, summary_json
 
 
 def items(dataset, ids: list[str]) -> list[dict]:

@@ -33,7 +33,7 @@ VARIANTS = ("segmenter", "monai")
 
 def make_loss(variant: str) -> torch.nn.Module:
     if variant == "segmenter":
-        from segmenter.losses import FocalDiceLoss
+        from segmenter.nn.losses import FocalDiceLoss
 
         return FocalDiceLoss(activation="sigmoid", gamma=2.0, smooth=1e-5)
     from monai.losses import DiceFocalLoss
@@ -70,7 +70,7 @@ def measure_memory(variant: str, shape: tuple[int, ...]) -> float:
     """Peak MiB added by one forward+backward; run in a fresh process."""
     import monai.losses  # noqa: F401  (both variants carry the same imports)
 
-    import segmenter.losses  # noqa: F401
+    import segmenter.nn.losses  # noqa: F401
 
     loss = make_loss(variant)
     step(loss, *make_inputs((2, 1, 8, 8, 8)))  # lazy initialisation outside the measurement

@@ -1,7 +1,8 @@
 """Benchmark: lesion metrics (default ``isles22`` preset) against panoptica on real lesion masks.
 
 For every mask in ``DATA/MSLesjak_masks_only`` a synthetic prediction is made (erosion, dilation,
-shift, dropped lesions or boundary noise, in turn), then ``segmenter.metrics.lesion_metrics`` and
+shift, dropped lesions or boundary noise, in turn), then
+``segmenter.evaluation.metrics.lesion_metrics`` and
 panoptica's evaluator (connected components, IoU >= 0.5 naive matching, instance metrics IoU and
 Dice only, its leanest useful setting) are timed on the same arrays in the same process, best of
 ``--repeats``. Prints one row per case and the ratio panoptica / ours.
@@ -22,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from segmenter import metrics
+from segmenter.data.synthetic import PERTURBATIONS, perturb_mask
+from segmenter.evaluation import metrics
 from segmenter.io import read_image
-from segmenter.synthetic import PERTURBATIONS, perturb_mask
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = PERTURBATIONS

@@ -23,7 +23,7 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from segmenter.config import ModelConfig
-from segmenter.model import build_model, count_parameters
+from segmenter.nn.network import build_model, count_parameters
 
 
 def dynunet_like(model: nn.Module, in_channels: int, out_channels: int) -> DynUNet:

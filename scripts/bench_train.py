@@ -44,13 +44,14 @@ from monai.losses import DiceFocalLoss
 from monai.networks.nets import UNet
 from torch.utils.flop_counter import FlopCounterMode
 
-from segmenter import train
 from segmenter.config import Config, load_config
-from segmenter.inference import autocast_dtype, predict_logits
-from segmenter.losses import build_loss
-from segmenter.model import build_model, count_parameters
-from segmenter.schedule import build_optimizer
-from segmenter.synthetic import PhantomSpec, write_dataset
+from segmenter.data.synthetic import PhantomSpec, write_dataset
+from segmenter.inference.sliding_window import predict_logits
+from segmenter.nn.losses import build_loss
+from segmenter.nn.network import build_model, count_parameters
+from segmenter.nn.runtime import autocast_dtype
+from segmenter.training import loop as train
+from segmenter.training.schedule import build_optimizer
 
 CPU = torch.device("cpu")
 

@@ -1,6 +1,7 @@
 """Real-data results: our cross-validation against the MONAI baseline, same split and budget.
 
-1. ``segmenter crossval`` (``segmenter.crossval.run_crossval``) with the config, every fold
+1. ``segmenter crossval`` (``segmenter.workflows.crossval.run_crossval``) with the config, every
+fold
    trained for ``--minutes`` of wall clock (``train.max_minutes``), out-of-fold predictions
    with mirroring TTA, threshold and minimum lesion size tuned on them;
 2. ``scripts/baseline_monai.py`` on each fold's ``splits.json``, the same training cases, the
@@ -29,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from segmenter.config import load_config
-from segmenter.crossval import run_crossval
-from segmenter.evaluate import evaluate_folders
-from segmenter.report import nan_mean
+from segmenter.evaluation.evaluate import evaluate_folders
+from segmenter.evaluation.report import nan_mean
+from segmenter.workflows.crossval import run_crossval
 
 HERE = Path(__file__).resolve().parent
 

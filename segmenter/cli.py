@@ -34,7 +34,7 @@ def _progress(desc: str, unit: str = "case") -> Any:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from segmenter import synthetic
+    from segmenter.data import synthetic
 
     spacing = tuple(args.spacing) if args.spacing else (1.0, 1.0, 1.0)
     spec = synthetic.PhantomSpec(
@@ -57,7 +57,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from segmenter import verify
+    from segmenter.data import verify
 
     problems = verify.verify_dataset(args.dataset, progress=True)
     for problem in problems:
@@ -73,10 +73,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from segmenter import config as config_mod
-    from segmenter import fingerprint as fp_mod
-    from segmenter import plan as plan_mod
     from segmenter.atomic import write_text
-    from segmenter.data import load_dataset
+    from segmenter.data.layout import load_dataset
+    from segmenter.planning import fingerprint as fp_mod
+    from segmenter.planning import planner as plan_mod
 
     cfg = config_mod.load_config(args.config, args.set)
     dataset = load_dataset(args.dataset)
@@ -105,7 +105,7 @@ def _describe_dataset_plan(name: str, plan: dict[str, Any], n_lesions: int) -> s
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from segmenter import evaluate, report
+    from segmenter.evaluation import evaluate, report
 
     start = time.perf_counter()
     out = Path(args.out) if args.out else Path(args.pred)
@@ -142,7 +142,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = _experiment_config(args)
     fold: int | str = args.fold
     out = Path(args.out) if args.out else _default_run_dir(args.config, fold)
-    from segmenter import train
+    from segmenter.training import loop as train
 
     result = train.fit(cfg, out, fold=fold, resume=args.resume, progress=True)
     how = "budget reached" if result.stopped_by_budget else "all epochs"
@@ -161,7 +161,7 @@ def _experiment_config(args: argparse.Namespace) -> Any:
 
     cfg = config_mod.load_config(args.config)
     if getattr(args, "plan", None):
-        from segmenter import plan as plan_mod
+        from segmenter.planning import planner as plan_mod
 
         cfg = config_mod.apply_values(
             cfg, plan_mod.dataset_plan_values(plan_mod.read_dataset_plan(args.plan))
@@ -180,7 +180,8 @@ def _default_run_dir(config_path: str | None, fold: int | str) -> Path:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from segmenter import inference, predict
+    from segmenter.inference import predict
+    from segmenter.inference import predictor as inference
 
     predictors = inference.load_predictors(args.model, device=args.device)
     options = predict.PredictOptions(
@@ -202,8 +203,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_crossval(args: argparse.Namespace) -> int:
-    from segmenter import crossval
-    from segmenter.report import format_metric
+    from segmenter.evaluation.report import format_metric
+    from segmenter.workflows import crossval
 
     cfg = _experiment_config(args)
     result = crossval.run_crossval(cfg, args.out, folds=args.folds, progress=True)
@@ -226,8 +227,8 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from segmenter import config as config_mod
-    from segmenter import experiments
-    from segmenter.report import format_metric
+    from segmenter.evaluation.report import format_metric
+    from segmenter.workflows import compare as experiments
 
     base = config_mod.load_config(args.config, args.set)
     variants = experiments.load_variants(args.variants, base)
@@ -251,7 +252,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from segmenter import demo
+    from segmenter.workflows import demo
 
     demo.run_demo(Path(args.out), minutes=args.minutes, seed=args.seed)
     return 0

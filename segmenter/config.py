@@ -20,13 +20,13 @@ import yaml
 from segmenter.atomic import write_text
 from segmenter.errors import InputError
 
-#: Loss presets (:func:`segmenter.losses.build_loss`).
+#: Loss presets (:func:`segmenter.nn.losses.build_loss`).
 LossName = Literal["focal_dice", "dice_ce", "dice", "focal"]
 LOSS_NAMES: tuple[str, ...] = typing.get_args(LossName)
 #: How logits become probabilities: each channel on its own, or across the channels.
 Activation = Literal["sigmoid", "softmax"]
 ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
-#: Lesion matching presets (:data:`segmenter.lesions.PRESETS` holds their rules).
+#: Lesion matching presets (:data:`segmenter.evaluation.lesions.PRESETS` holds their rules).
 PresetName = Literal["isles22", "atlas", "brats23", "msseg", "panoptica"]
 PRESET_NAMES: tuple[str, ...] = typing.get_args(PresetName)
 
@@ -95,8 +95,8 @@ class DataConfig:
             ``segmenter plan`` writes it from dataset.json's channel names (``CT`` channels:
             ``ct_clip_zscore`` with the fingerprint's percentiles, mean and std).
         cache_dir: folder keeping preprocessed cases as memory-mapped ``.npy`` files
-            (``segmenter.cache``), reused by every run with the same data and settings; a
-            relative path starts at the working directory; empty: preprocess in memory.
+            (``segmenter.preprocessing.cache``), reused by every run with the same data and
+            settings; a relative path starts at the working directory; empty: preprocess in memory.
     """
 
     dataset: str = ""
@@ -172,7 +172,7 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Training loss (see ``segmenter.losses`` and DESIGN's exact definitions).
+    """Training loss (see ``segmenter.nn.losses`` and DESIGN's exact definitions).
 
     Attributes:
         name: ``focal_dice`` (default), ``dice_ce`` (nnU-Net parity), ``dice`` or ``focal``.
@@ -214,7 +214,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """3D U-Net topology (see ``segmenter.model``).
+    """3D U-Net topology (see ``segmenter.nn.network``).
 
     Attributes:
         depth: number of resolution levels (the input level included); each further level halves
@@ -265,7 +265,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and the training loop (see ``segmenter.train``).
+    """Optimisation and the training loop (see ``segmenter.training.loop``).
 
     Attributes:
         seed: seeds weights, sampling and augmentation.
@@ -324,7 +324,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Sliding-window prediction (see ``segmenter.inference``).
+    """Sliding-window prediction (see ``segmenter.inference.predictor``).
 
     Attributes:
         overlap: sliding-window overlap fraction (nnU-Net: 0.5).
@@ -351,7 +351,7 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """Lesion-level evaluation (see ``segmenter.metrics``).
+    """Lesion-level evaluation (see ``segmenter.evaluation.metrics``).
 
     Attributes:
         preset: lesion matching rule: ``isles22`` (default), ``atlas``, ``brats23``, ``msseg``,
@@ -372,7 +372,7 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """How ``segmenter plan`` sizes the patch and the network (see ``segmenter.plan``).
+    """How ``segmenter plan`` sizes the patch and the network (see ``segmenter.planning.planner``).
 
     Attributes:
         budget: ``cpu`` or ``gpu``: which patch budget below applies.

@@ -1,7 +1,8 @@
 """3D rotation matrices from Euler angles (numpy and scipy only, no torch).
 
-One convention for the phantoms' oblique affines and lesion shapes (:mod:`segmenter.synthetic`)
-and the training rotations (:mod:`segmenter.transforms`): extrinsic X-Y-Z angles in radians.
+One convention for the phantoms' oblique affines and lesion shapes (:mod:`segmenter.data.synthetic`)
+and the training rotations (:mod:`segmenter.training.augmentation`): extrinsic X-Y-Z angles in
+radians.
 """
 
 from __future__ import annotations

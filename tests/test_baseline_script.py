@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from segmenter.synthetic import PhantomSpec, write_dataset
+from segmenter.data.synthetic import PhantomSpec, write_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "baseline_monai.py"
 

@@ -1,4 +1,5 @@
-"""Tests for segmenter.cache: same arrays as in-memory preprocessing, keys, reuse in training."""
+"""Tests for segmenter.preprocessing.cache: same arrays as in-memory preprocessing, keys, reuse in
+training."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segmenter.cache import cache_key, cached_case
 from segmenter.config import ChannelNormalization, load_config
-from segmenter.data import load_dataset
-from segmenter.prep_spec import PreprocessingSpec
-from segmenter.preprocess import preprocess_case
-from segmenter.synthetic import PhantomSpec, write_dataset
-from segmenter.train import fit
+from segmenter.data.layout import load_dataset
+from segmenter.data.synthetic import PhantomSpec, write_dataset
+from segmenter.preprocessing.cache import cache_key, cached_case
+from segmenter.preprocessing.case import preprocess_case
+from segmenter.preprocessing.spec import PreprocessingSpec
+from segmenter.training.loop import fit
 
 ONE_MM = PreprocessingSpec(target_spacing=(1.0, 1.0, 1.0))
 

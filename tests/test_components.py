@@ -1,4 +1,4 @@
-"""Tests for segmenter.components: labelling, component sizes, bounding boxes."""
+"""Tests for segmenter.evaluation.components: labelling, component sizes, bounding boxes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from mask_builders import voxels
 from scipy import ndimage
 
-from segmenter.components import bounding_box, component_sizes, label_components
+from segmenter.evaluation.components import bounding_box, component_sizes, label_components
 
 
 @pytest.mark.parametrize(("connectivity", "corner", "edge"), [(6, 2, 2), (18, 2, 1), (26, 1, 1)])

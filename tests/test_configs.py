@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from segmenter.config import Config, config_to_dict, load_config
-from segmenter.demo import demo_config
+from segmenter.workflows.demo import demo_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

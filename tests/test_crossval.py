@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from segmenter.cli import main
-from segmenter.data import load_dataset
-from segmenter.inference import load_predictor, load_predictors, model_runs
-from segmenter.predict import PredictOptions, predict_probability
-from segmenter.synthetic import PhantomSpec, write_dataset
-from segmenter.tuning import MIN_SIZES_MM3
+from segmenter.data.layout import load_dataset
+from segmenter.data.synthetic import PhantomSpec, write_dataset
+from segmenter.evaluation.tuning import MIN_SIZES_MM3
+from segmenter.inference.predict import PredictOptions, predict_probability
+from segmenter.inference.predictor import load_predictor, load_predictors, model_runs
 
 TINY = """\
 data: {{dataset: {dataset}, patch_size: [32, 32, 32], num_workers: 0}}

@@ -1,4 +1,4 @@
-"""Tests for segmenter.data: discovery of the nnU-Net raw layout and its one-line errors.
+"""Tests for segmenter.data.layout: discovery of the nnU-Net raw layout and its one-line errors.
 
 Each ``load_dataset`` failure is checked against ``verify_dataset`` too, which must report the
 same problem instead of raising; verify's own checks are in ``test_verify.py``.
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from tiny_dataset import edit_json, make_dataset, messages
 
-from segmenter.data import find_cases, load_dataset
+from segmenter.data.layout import find_cases, load_dataset
+from segmenter.data.verify import verify_dataset
 from segmenter.errors import InputError
 from segmenter.io import read_image
-from segmenter.verify import verify_dataset
 
 
 @pytest.fixture

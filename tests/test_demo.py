@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from segmenter.demo import run_demo
+from segmenter.workflows.demo import run_demo
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from segmenter.errors import InputError
-from segmenter.evaluate import evaluate_folders, pair_cases
+from segmenter.evaluation.evaluate import evaluate_folders, pair_cases
 from segmenter.io import write_image
 
 SPACING_AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])  # voxel 2 mm3
@@ -155,6 +155,6 @@ def test_multi_label_reports_each_label(tmp_path: Path) -> None:
 
 def test_config_default_size_bins_match_metrics() -> None:
     from segmenter.config import EvaluationConfig
-    from segmenter.metrics import DEFAULT_SIZE_BINS_MM3
+    from segmenter.evaluation.metrics import DEFAULT_SIZE_BINS_MM3
 
     assert EvaluationConfig().size_bins_mm3 == tuple(DEFAULT_SIZE_BINS_MM3)

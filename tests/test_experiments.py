@@ -8,9 +8,9 @@ import pytest
 
 from segmenter.cli import main
 from segmenter.config import load_config
+from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.errors import InputError
-from segmenter.experiments import load_variants
-from segmenter.synthetic import PhantomSpec, write_dataset
+from segmenter.workflows.compare import load_variants
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

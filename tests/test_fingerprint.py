@@ -1,4 +1,5 @@
-"""Tests for segmenter.fingerprint: per-case figures against direct computation, JSON output."""
+"""Tests for segmenter.planning.fingerprint: per-case figures against direct computation, JSON
+output."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segmenter.data import load_dataset
-from segmenter.fingerprint import (
+from segmenter.data.layout import load_dataset
+from segmenter.data.synthetic import PhantomSpec, write_dataset
+from segmenter.planning.fingerprint import (
     PERCENTILES,
     case_fingerprint,
     dataset_fingerprint,
     lesion_volumes_mm3,
     write_fingerprint,
 )
-from segmenter.synthetic import PhantomSpec, write_dataset
 
 
 def test_lesion_volumes_count_components_in_mm3() -> None:

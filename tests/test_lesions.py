@@ -1,4 +1,5 @@
-"""Tests for segmenter.lesions: the rule table and :func:`match_lesions` on hand-built masks.
+"""Tests for segmenter.evaluation.lesions: the rule table and :func:`match_lesions` on hand-built
+masks.
 
 One test per rule family (any overlap, one-to-one IoU / Dice, BraTS dilated matching, Anima
 coverage, size limits), each on a few boxes whose statuses, matches and per-lesion Dice are
@@ -15,7 +16,7 @@ import pytest
 from mask_builders import boxes
 
 from segmenter.config import PRESET_NAMES
-from segmenter.lesions import PRESETS, LesionRule, Matching, match_lesions, rule_to_dict
+from segmenter.evaluation.lesions import PRESETS, LesionRule, Matching, match_lesions, rule_to_dict
 
 S = np.s_
 ONE = (1.0, 1.0, 1.0)

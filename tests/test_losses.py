@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segmenter import losses as L
 from segmenter.config import LossConfig
+from segmenter.nn import losses as L
 
 ATOL = 1e-6
 

@@ -1,4 +1,4 @@
-"""Tests for segmenter.metrics: voxel metrics, HD95 and the lesion-wise summaries.
+"""Tests for segmenter.evaluation.metrics: voxel metrics, HD95 and the lesion-wise summaries.
 
 Hand-built masks whose answer is known and where the presets' summaries disagree, oracles (MONAI
 HD95, naive re-implementations of the ISLES'22 and Anima rules, panoptica on real MS lesion
@@ -17,9 +17,9 @@ import pytest
 from mask_builders import boxes, voxels
 from scipy import ndimage
 
-from segmenter import metrics
-from segmenter.lesions import PRESETS, LesionRule
-from segmenter.synthetic import perturb_mask
+from segmenter.data.synthetic import perturb_mask
+from segmenter.evaluation import metrics
+from segmenter.evaluation.lesions import PRESETS, LesionRule
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MASKS = DATA / "MSLesjak_masks_only"
@@ -385,7 +385,7 @@ def test_empty_policy_is_serialisable():
 
 
 def test_metrics_module_imports_no_torch():
-    code = "import sys, segmenter.metrics; assert 'torch' not in sys.modules"
+    code = "import sys, segmenter.evaluation.metrics; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

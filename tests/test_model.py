@@ -1,4 +1,4 @@
-"""Tests for segmenter.model: shapes, deep supervision, anisotropy, gradients, determinism."""
+"""Tests for segmenter.nn.network: shapes, deep supervision, anisotropy, gradients, determinism."""
 
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ from monai.networks.nets import DynUNet
 from torch import nn
 
 from segmenter.config import ConfigError, ModelConfig
-from segmenter.model import (
-    ResidualBlock,
-    build_model,
-    count_parameters,
-)
-from segmenter.topology import plan_topology, required_divisor
+from segmenter.nn.network import ResidualBlock, build_model, count_parameters
+from segmenter.planning.topology import plan_topology, required_divisor
 
 TINY = ModelConfig(depth=4, base_filters=4, max_filters=16)
 

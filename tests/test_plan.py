@@ -1,4 +1,5 @@
-"""Tests for segmenter.plan and `segmenter plan`: spacing, patch, depth, normalisation, files."""
+"""Tests for segmenter.planning.planner and `segmenter plan`: spacing, patch, depth, normalisation,
+files."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pytest
 
 from segmenter.cli import main
 from segmenter.config import load_config
-from segmenter.data import load_dataset
-from segmenter.fingerprint import dataset_fingerprint
-from segmenter.plan import make_dataset_plan, normalisation, patch_and_depth
-from segmenter.synthetic import PhantomSpec, write_dataset
+from segmenter.data.layout import load_dataset
+from segmenter.data.synthetic import PhantomSpec, write_dataset
+from segmenter.planning.fingerprint import dataset_fingerprint
+from segmenter.planning.planner import make_dataset_plan, normalisation, patch_and_depth
 
 
 def test_patch_fits_the_budget_and_the_network_divisor() -> None:
@@ -121,9 +122,9 @@ def _ct_dataset(root: Path) -> Path:
 def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
     tmp_path: Path,
 ) -> None:
-    from segmenter.prep_spec import PreprocessingSpec
-    from segmenter.preprocess import preprocess_case
-    from segmenter.run_plan import RunPlan
+    from segmenter.planning.run_plan import RunPlan
+    from segmenter.preprocessing.case import preprocess_case
+    from segmenter.preprocessing.spec import PreprocessingSpec
 
     ds = _ct_dataset(tmp_path / "ct")
     out = tmp_path / "p"
@@ -162,7 +163,7 @@ def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
 
 def test_a_bad_plan_file_is_refused_with_one_line(tmp_path: Path) -> None:
     from segmenter.errors import InputError
-    from segmenter.plan import read_dataset_plan
+    from segmenter.planning.planner import read_dataset_plan
 
     path = tmp_path / "plan.json"
     path.write_text("{}")

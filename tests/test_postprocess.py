@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segmenter.postprocess import binarize, probabilities_to_mask, remove_small_lesions
+from segmenter.evaluation.postprocess import binarize, probabilities_to_mask, remove_small_lesions
 
 
 def test_binarize_threshold_is_inclusive() -> None:

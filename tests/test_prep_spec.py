@@ -1,9 +1,9 @@
-"""Tests for segmenter.prep_spec: one value for the preprocessing settings."""
+"""Tests for segmenter.preprocessing.spec: one value for the preprocessing settings."""
 
 from __future__ import annotations
 
 from segmenter.config import ChannelNormalization, load_config
-from segmenter.prep_spec import PreprocessingSpec
+from segmenter.preprocessing.spec import PreprocessingSpec
 
 
 def test_the_spec_of_a_config_holds_its_four_settings() -> None:

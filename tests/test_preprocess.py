@@ -5,23 +5,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from segmenter import data
+from segmenter.data import layout as data
+from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.errors import InputError
 from segmenter.io import read_image, write_image
-from segmenter.pipeline import preprocess_dataset
-from segmenter.prep_spec import PreprocessingSpec
-from segmenter.preprocess import (
-    CropBox,
-    crop,
-    nonzero_bbox,
-    normalise,
+from segmenter.preprocessing.case import (
     preprocess_arrays,
     preprocess_case,
     read_case,
     resample_hook,
-    uncrop,
 )
-from segmenter.synthetic import PhantomSpec, write_dataset
+from segmenter.preprocessing.geometry import CropBox, crop, nonzero_bbox, uncrop
+from segmenter.preprocessing.normalisation import normalise
+from segmenter.preprocessing.pipeline import preprocess_dataset
+from segmenter.preprocessing.spec import PreprocessingSpec
 
 
 def block_images() -> np.ndarray:
@@ -213,7 +210,7 @@ def test_resample_hook_keeps_own_spacing_and_resamples_to_another() -> None:
 
 
 def test_resampled_case_restores_probabilities_to_the_original_grid() -> None:
-    from segmenter.preprocess import preprocess_arrays
+    from segmenter.preprocessing.case import preprocess_arrays
 
     rng = np.random.default_rng(0)
     image = np.zeros((30, 28, 12), np.float32)
@@ -236,7 +233,7 @@ def test_resampled_case_restores_probabilities_to_the_original_grid() -> None:
 
 
 def test_crop_affine_maps_cropped_voxels_to_the_same_world_points() -> None:
-    from segmenter.preprocess import preprocess_arrays
+    from segmenter.preprocessing.case import preprocess_arrays
 
     affine = np.array([[0.0, -2.0, 0, 10], [1.5, 0, 0, -5], [0, 0, 3.0, 7], [0, 0, 0, 1]])
     img = np.zeros((10, 12, 8), np.float32)
@@ -267,7 +264,7 @@ def _axcode_affine(codes: tuple[str, str, str], spacing: tuple[float, float, flo
 def test_cases_are_reoriented_to_ras_and_restored(codes: tuple[str, str, str]) -> None:
     import nibabel as nib
 
-    from segmenter.preprocess import preprocess_arrays
+    from segmenter.preprocessing.case import preprocess_arrays
 
     spacing = (0.9, 1.1, 2.5)
     affine = _axcode_affine(codes, spacing)
@@ -289,7 +286,7 @@ def test_cases_are_reoriented_to_ras_and_restored(codes: tuple[str, str, str]) -
 
 
 def test_clipping_keeps_intensity_spikes_from_dominating_the_z_score() -> None:
-    from segmenter.preprocess import normalise
+    from segmenter.preprocessing.normalisation import normalise
 
     rng = np.random.default_rng(0)
     image = rng.normal(500.0, 100.0, (1, 30, 30, 30)).astype(np.float32)
@@ -308,7 +305,7 @@ def test_clipping_keeps_intensity_spikes_from_dominating_the_z_score() -> None:
 def test_ct_channels_use_the_dataset_statistics_over_the_whole_volume() -> None:
     from segmenter.config import ChannelNormalization
     from segmenter.errors import InputError
-    from segmenter.preprocess import normalise
+    from segmenter.preprocessing.normalisation import normalise
 
     rng = np.random.default_rng(1)
     images = np.zeros((2, 10, 10, 10), dtype=np.float32)

@@ -1,5 +1,5 @@
-"""Tests for segmenter.report on hand-built case results: NaN-aware means, pooled lesion counts,
-the printed table, ``lesions.csv`` and ``summary.json`` text."""
+"""Tests for segmenter.evaluation.report on hand-built case results: NaN-aware means, pooled lesion
+counts, the printed table, ``lesions.csv`` and ``summary.json`` text."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from segmenter.lesions import PRESETS
-from segmenter.metrics import LesionRecord
-from segmenter.report import (
+from segmenter.evaluation.lesions import PRESETS
+from segmenter.evaluation.metrics import LesionRecord
+from segmenter.evaluation.report import (
     COUNT_KEYS,
     VOXEL_KEYS,
     CasePair,

@@ -1,4 +1,5 @@
-"""Tests for segmenter.resample: target spacing rule, grids, images, labels, probabilities."""
+"""Tests for segmenter.preprocessing.resampling: target spacing rule, grids, images, labels,
+probabilities."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from segmenter.resample import (
+from segmenter.preprocessing.resampling import (
     new_shape,
     resample_image,
     resample_label,

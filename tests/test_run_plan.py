@@ -1,4 +1,4 @@
-"""Tests for segmenter.run_plan: the typed, versioned plan of a trained run."""
+"""Tests for segmenter.planning.run_plan: the typed, versioned plan of a trained run."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from segmenter.config import ChannelNormalization
 from segmenter.errors import InputError
-from segmenter.prep_spec import PreprocessingSpec
-from segmenter.run_plan import FORMAT_VERSION, RunPlan, migrate
+from segmenter.planning.run_plan import FORMAT_VERSION, RunPlan, migrate
+from segmenter.preprocessing.spec import PreprocessingSpec
 
 FIXTURE_PLAN = Path(__file__).parent / "fixtures" / "run_format_v0" / "plan.json"
 MRI = (ChannelNormalization(channel="FLAIR"), ChannelNormalization(channel="T1"))

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from segmenter.config import AugmentConfig, DataConfig
-from segmenter.preprocess import CropBox, PreprocessedCase
-from segmenter.sampling import (
+from segmenter.preprocessing.case import PreprocessedCase
+from segmenter.preprocessing.geometry import CropBox
+from segmenter.training.sampling import (
     LesionIndex,
     PatchDataset,
     make_loader,

@@ -1,4 +1,5 @@
-"""Tests for segmenter.synthetic: layout, determinism, lesion statistics, contrast, geometry."""
+"""Tests for segmenter.data.synthetic: layout, determinism, lesion statistics, contrast,
+geometry."""
 
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from segmenter.errors import InputError
-from segmenter.io import affines_close, read_image
-from segmenter.synthetic import (
+from segmenter.data.synthetic import (
     CONTRASTS,
     TISSUE_CLASSES,
     PhantomSpec,
@@ -21,6 +20,8 @@ from segmenter.synthetic import (
     make_phantom,
     write_dataset,
 )
+from segmenter.errors import InputError
+from segmenter.io import affines_close, read_image
 
 SMALL = PhantomSpec(size=32)
 

@@ -9,11 +9,11 @@ import torch
 
 from segmenter.cli import main
 from segmenter.config import load_config
+from segmenter.data.splits import make_splits
+from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.io import read_image, write_image
-from segmenter.schedule import lr_factor
-from segmenter.splits import make_splits
-from segmenter.synthetic import PhantomSpec, write_dataset
-from segmenter.train import fit
+from segmenter.training.loop import fit
+from segmenter.training.schedule import lr_factor
 
 TINY = """\
 data:
@@ -254,7 +254,7 @@ def test_learning_rate_schedules() -> None:
 
 
 def test_threshold_tuning_picks_the_best_lesion_f1() -> None:
-    from segmenter.validation import tune_threshold
+    from segmenter.training.validation import tune_threshold
 
     ref = np.zeros((16, 16, 16), np.uint8)
     ref[2:5, 2:5, 2:5] = 1  # found at any threshold below 0.8
@@ -273,7 +273,7 @@ def test_threshold_tuning_picks_the_best_lesion_f1() -> None:
 
 
 def test_threshold_tuning_does_not_reward_one_blob_over_every_lesion() -> None:
-    from segmenter.validation import tune_threshold
+    from segmenter.training.validation import tune_threshold
 
     ref = np.zeros((20, 20, 20), np.uint8)
     ref[2:4, 2:4, 2:4] = ref[12:14, 12:14, 12:14] = 1

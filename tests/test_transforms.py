@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from segmenter.config import AugmentConfig
-from segmenter.transforms import (
+from segmenter.training.augmentation import (
     SpatialParams,
     apply_intensity,
     apply_spatial,

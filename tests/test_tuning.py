@@ -1,12 +1,12 @@
-"""Tests for segmenter.tuning: the size grid and the grid search on cropped cases."""
+"""Tests for segmenter.evaluation.tuning: the size grid and the grid search on cropped cases."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from segmenter import metrics, tuning
-from segmenter.postprocess import probabilities_to_mask
+from segmenter.evaluation import metrics, tuning
+from segmenter.evaluation.postprocess import probabilities_to_mask
 
 
 def _ball(shape: tuple[int, int, int], centre: tuple[int, int, int], radius: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests for segmenter.verify: every problem of a dataset found, exactly once, as one line.
+"""Tests for segmenter.data.verify: every problem of a dataset found, exactly once, as one line.
 
 Each problem ``verify_dataset`` names (see its module docstring) has a failure-path test on a
 tiny dataset broken in one place; the layout problems it shares with ``load_dataset`` are
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from tiny_dataset import edit_json, make_dataset, messages, rewrite
 
-from segmenter.data import load_dataset
+from segmenter.data.layout import load_dataset
+from segmenter.data.verify import ORIGIN_ATOL_MM, SPACING_RTOL, verify_dataset
 from segmenter.errors import InputError
-from segmenter.verify import ORIGIN_ATOL_MM, SPACING_RTOL, verify_dataset
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

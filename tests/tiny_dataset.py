@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segmenter.data import Problem
+from segmenter.data.layout import Problem
 from segmenter.io import read_image, write_image
 
 SHAPE = (8, 9, 10)

@@ -1,0 +1,1 @@
+"""Dataset layout, verification, cross-validation splits, synthetic phantoms (no torch)."""

@@ -1,0 +1,1 @@
+"""Sliding window with mirroring, the predictor loaded from a run, ``segmenter predict``."""

@@ -1,0 +1,182 @@
+"""The dataset plan (``segmenter plan``): what nnU-Net's planner decides from a fingerprint.
+
+Not a run's plan (:mod:`segmenter.planning.run_plan`, what ``predict`` repeats): the dataset plan
+suggests config values (``train --plan`` takes them over) and is written to
+``plans/NAME/plan.json``.
+
+From the fingerprint (:mod:`segmenter.planning.fingerprint`) and the config's ``plan`` section:
+
+- **target spacing**: :func:`segmenter.preprocessing.resampling.target_spacing` (median; the 10th
+  percentile along a coarse axis of anisotropic data);
+- **median resampled shape**: the median over cases of each case's nonzero-cropped shape at
+  the target spacing;
+- **patch size**: starts from that median shape and, while it holds more voxels than the budget
+  (``plan.cpu_patch_voxels`` or ``plan.gpu_patch_voxels``), shrinks the axis with the largest
+  physical extent by 10 %; then each axis is rounded to the nearest multiple of the network's
+  divisor (at least one divisor; the longest axis loses one divisor while that went over the
+  budget), so no padding is needed in training;
+- **depth**: one level more than the number of times the longest patch axis can be halved and
+  keep 4 voxels (nnU-Net's smallest feature map), at most ``plan.max_depth``; per-axis strides
+  and kernels then follow :func:`segmenter.nn.network.plan_topology` (short and coarse axes pool
+  less);
+- **batch size**: ``plan.batch_size``;
+- **normalisation** per channel from ``dataset.json``'s channel names: ``CT`` channels are
+  clipped to the fingerprint's 0.5 and 99.5 percentiles (medians over cases, inside the
+  nonzero mask) and z-scored with the fingerprint's median mean and standard deviation;
+  every other channel (MRI) is z-scored per case inside its nonzero mask.
+
+``plan.json`` holds the result; ``fingerprint.json`` beside it the data it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segmenter.config import Config, ModelConfig
+from segmenter.errors import InputError
+from segmenter.planning.topology import MIN_FEATURE_MAP_SIZE, plan_topology
+from segmenter.preprocessing.resampling import is_anisotropic, new_shape, target_spacing
+
+#: Channel names (case-insensitive) normalised as CT.
+CT_NAMES = ("ct",)
+#: Factor by which the largest axis shrinks per step while the patch is over budget.
+SHRINK = 0.9
+
+
+def normalisation(channel_names: Sequence[str], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-channel normalisation scheme (module docstring) from the fingerprint summary."""
+    schemes = []
+    for name, stats in zip(channel_names, summary["channels"], strict=True):
+        if str(name).strip().lower() in CT_NAMES:
+            pct = stats["median_percentiles"]
+            schemes.append({
+                "channel": str(name), "scheme": "ct_clip_zscore",
+                "clip": [pct["0.5"], pct["99.5"]],
+                "mean": stats["median_mean"], "std": stats["median_std"],
+            })  # fmt: skip
+        else:
+            schemes.append({"channel": str(name), "scheme": "zscore_nonzero"})
+    return schemes
+
+
+def _depth(patch: Sequence[float], max_depth: int) -> int:
+    pools = math.floor(math.log2(max(max(patch), 1.0) / MIN_FEATURE_MAP_SIZE))
+    return int(min(max(pools + 1, 2), max_depth))
+
+
+def patch_and_depth(
+    median_shape: Sequence[float],
+    spacing: Sequence[float],
+    max_voxels: int,
+    max_depth: int,
+    model: ModelConfig | None = None,
+) -> tuple[tuple[int, int, int], int]:
+    """Patch size (voxels) and depth for a median shape at ``spacing`` (module docstring)."""
+    patch = [max(float(n), 8.0) for n in median_shape]
+    while math.prod(patch) > max_voxels:
+        extents = [p * s for p, s in zip(patch, spacing, strict=True)]
+        axis = int(np.argmax(extents))
+        patch[axis] = max(8.0, patch[axis] * SHRINK)
+        if all(p <= 8.0 for p in patch):
+            break
+    depth = _depth(patch, max_depth)
+    cfg = dataclasses.replace(model or ModelConfig(), depth=depth)
+    rounded = [int(round(p)) for p in patch]
+    divisor = plan_topology(cfg, spacing=spacing, patch_size=rounded).divisor
+    final = [max(d, int(round(p / d)) * d) for p, d in zip(patch, divisor, strict=True)]
+    while math.prod(final) > max_voxels:  # rounding up went over: one divisor off the longest
+        extents = [
+            f * s if f > d else -1.0 for f, s, d in zip(final, spacing, divisor, strict=True)
+        ]
+        axis = int(np.argmax(extents))
+        if extents[axis] < 0:
+            break
+        final[axis] -= divisor[axis]
+    return (final[0], final[1], final[2]), depth
+
+
+def make_dataset_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """``plan.json`` content for a fingerprint under the config's ``plan`` section.
+
+    Args:
+        fingerprint: :func:`segmenter.planning.fingerprint.dataset_fingerprint` output.
+        cfg: experiment config (``plan`` budget, ``model`` for the topology rule).
+
+    Returns:
+        The plan (plain JSON types).
+
+    Raises:
+        ValueError: a fingerprint without cases.
+    """
+    cases = fingerprint["cases"]
+    if not cases:
+        raise ValueError("the fingerprint holds no cases")
+    spacings = [c["spacing"] for c in cases]
+    cropped = [c.get("cropped_shape", c["shape"]) for c in cases]
+    target = target_spacing(spacings, cropped)
+    resampled = [new_shape(shape, sp, target) for shape, sp in zip(cropped, spacings, strict=True)]
+    median = [float(v) for v in np.median(np.array(resampled, dtype=float), axis=0)]
+    p = cfg.plan
+    budget = p.cpu_patch_voxels if p.budget == "cpu" else p.gpu_patch_voxels
+    patch, depth = patch_and_depth(median, target, budget, p.max_depth, cfg.model)
+    topo = plan_topology(
+        dataclasses.replace(cfg.model, depth=depth), spacing=target, patch_size=patch
+    )
+    return {
+        "dataset": fingerprint["dataset"],
+        "channel_names": list(fingerprint["channel_names"]),
+        "file_ending": fingerprint["file_ending"],
+        "n_cases": len(cases),
+        "budget": p.budget,
+        "budget_patch_voxels": budget,
+        "target_spacing": list(target),
+        "anisotropic": is_anisotropic(target),
+        "median_resampled_shape": median,
+        "patch_size": list(patch),
+        "depth": depth,
+        "batch_size": p.batch_size,
+        "strides": [list(s) for s in topo.strides],
+        "kernels": [list(k) for k in topo.kernels],
+        "normalization": normalisation(fingerprint["channel_names"], fingerprint["summary"]),
+    }
+
+
+#: The plan's entries a config takes over, and the config key each sets.
+DATASET_PLAN_KEYS = {
+    "patch_size": "data.patch_size",
+    "batch_size": "data.batch_size",
+    "depth": "model.depth",
+    "target_spacing": "data.target_spacing",
+    "normalization": "data.normalization",
+}
+
+
+def read_dataset_plan(path: str | Path) -> dict[str, Any]:
+    """A ``plan.json`` written by ``segmenter plan``.
+
+    Raises:
+        InputError: missing or unreadable file, or a file without the plan's keys.
+    """
+    p = Path(path)
+    try:
+        plan = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{p}: plan not found (write one with segmenter plan DATASET)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{p}: unreadable plan ({exc})") from None
+    missing = [k for k in DATASET_PLAN_KEYS if not isinstance(plan, dict) or k not in plan]
+    if missing:
+        raise InputError(f"{p}: not a plan.json (no {missing[0]!r})")
+    return plan
+
+
+def dataset_plan_values(plan: dict[str, Any]) -> dict[str, Any]:
+    """Config values (dotted keys) that make an experiment follow ``plan``."""
+    return {key: plan[name] for name, key in DATASET_PLAN_KEYS.items()}

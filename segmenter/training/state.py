@@ -1,0 +1,109 @@
+"""What ``last.pt`` restores: the loop's counters, the selection state and the history.
+
+:class:`TrainState` is written into every checkpoint beside the model's and optimiser's
+``state_dict`` (the checkpoint keys of :mod:`segmenter.nn.checkpoint`) and read back by
+``--resume``, which then continues exactly: same step, elapsed budget, best checkpoint and
+moving average, history rows and torch RNG state.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from segmenter.config import Config, config_to_dict
+from segmenter.planning.run_plan import RunPlan
+
+#: Columns of ``metrics.csv``, one row per epoch.
+HISTORY_KEYS = (
+    "epoch", "step", "lr", "train_loss", "val_dice", "val_lesion_recall",
+    "val_lesion_precision", "val_lesion_f1", "val_ema", "epoch_s", "data_wait_s", "elapsed_s",
+)  # fmt: skip
+#: Weight of the previous value in the moving average that selects ``best.pt`` (as nnU-Net
+#: smooths its pseudo-Dice), so one lucky validation on few cases does not pick it.
+EMA_WEIGHT = 0.5
+
+
+@dataclass
+class TrainState:
+    """The training loop's state after a finished epoch.
+
+    Attributes:
+        epoch: epochs done.
+        step: optimiser steps done.
+        elapsed_s: wall-clock seconds of training so far (over resumes).
+        best_metric: best moving average of the selection metric (-inf before any).
+        best_epoch: the epoch ``best.pt`` holds (-1 before any).
+        history: one ``metrics.csv`` row per epoch done.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    elapsed_s: float = 0.0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def ema(self) -> float | None:
+        """The selection metric's moving average after the last validation, or None."""
+        return next((h["val_ema"] for h in reversed(self.history) if "val_ema" in h), None)
+
+    def checkpoint(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, plan: RunPlan
+    ) -> dict[str, Any]:
+        """The checkpoint payload (plain types; see :mod:`segmenter.nn.checkpoint`)."""
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"kind": cfg.train.scheduler, "elapsed_s": float(self.elapsed_s)},
+            "epoch": self.epoch,
+            "step": self.step,
+            "best_metric": float(self.best_metric),
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+            "config": config_to_dict(cfg),
+            "plan": plan.to_json(),
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> TrainState:
+        """The state a checkpoint holds (the model, optimiser and RNG are restored apart)."""
+        return cls(
+            epoch=int(state["epoch"]),
+            step=int(state["step"]),
+            elapsed_s=float(state["scheduler"]["elapsed_s"]),
+            best_metric=float(state["best_metric"]),
+            best_epoch=int(state["best_epoch"]),
+            history=[dict(h) for h in state["history"]],
+        )
+
+
+def moving_average(previous: float | None, value: float) -> float | None:
+    """Moving average of the selection metric; NaN validations leave it unchanged."""
+    if math.isnan(value):
+        return previous
+    return value if previous is None else EMA_WEIGHT * previous + (1.0 - EMA_WEIGHT) * value
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    """``metrics.csv``: :data:`HISTORY_KEYS` columns, empty cells for missing or NaN."""
+    buf = _stdio.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(HISTORY_KEYS), lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if _missing(row.get(k)) else row.get(k)) for k in HISTORY_KEYS})
+    return buf.getvalue()
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+__all__ = ["EMA_WEIGHT", "HISTORY_KEYS", "TrainState", "history_csv", "moving_average"]
