@@ -128,7 +128,8 @@ def test_usage_errors_exit_2_and_help_exits_0(capsys: pytest.CaptureFixture[str]
 def test_evaluate_does_not_import_torch() -> None:
     """``segmenter evaluate`` must start fast: the CLI path never imports torch."""
     code = (
-        "import sys; from segmenter import cli, evaluate, metrics, data, synthetic; "
+        "import sys; from segmenter import cli; "
+        "from segmenter.evaluation import evaluate, metrics; from segmenter.data import synthetic; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
