@@ -330,6 +330,7 @@ def _group(ids: np.ndarray, partners: np.ndarray, n: int) -> tuple[tuple[int, ..
 def _union_dice(
     lesion_ids: np.ndarray,
     partner_ids: np.ndarray,
+    *,
     overlap_ids: np.ndarray,
     overlap_voxels: np.ndarray,
     sizes: np.ndarray,
@@ -352,18 +353,22 @@ def _both_union_dice(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_union_dice` of every reference lesion and of every predicted lesion."""
     ref_dice = _union_dice(
-        matched.ref, matched.pred, overlap.ref, overlap.voxels, ref.sizes, pred.sizes
-    )
+        matched.ref, matched.pred, overlap_ids=overlap.ref, overlap_voxels=overlap.voxels,
+        sizes=ref.sizes, partner_sizes=pred.sizes,
+    )  # fmt: skip
     pred_dice = _union_dice(
-        matched.pred, matched.ref, overlap.pred, overlap.voxels, pred.sizes, ref.sizes
-    )
+        matched.pred, matched.ref, overlap_ids=overlap.pred, overlap_voxels=overlap.voxels,
+        sizes=pred.sizes, partner_sizes=ref.sizes,
+    )  # fmt: skip
     return ref_dice, pred_dice
 
 
 def _match_any_overlap(
-    touch: _Pairs, overlap: _Pairs, ref: Components, pred: Components, ref_small: np.ndarray
+    touch: _Pairs, overlap: _Pairs, lesions: tuple[Components, Components], ref_small: np.ndarray
 ) -> _Decision:
-    """ISLES'22 / BraTS: every touching pair matches (``touch`` = pairs through the dilation)."""
+    """ISLES'22 / BraTS: every touching pair matches (``touch`` = pairs through the dilation).
+    ``lesions``: the reference and predicted components."""
+    ref, pred = lesions
     ref_hit = np.zeros(ref.n, dtype=bool)
     pred_hit = np.zeros(pred.n, dtype=bool)
     pred_touch = np.zeros(pred.n, dtype=bool)
@@ -371,12 +376,21 @@ def _match_any_overlap(
     pred_touch[touch.pred - 1] = True
     pred_hit[touch.pred[~ref_small[touch.ref - 1]] - 1] = True
     ref_dice, pred_dice = _both_union_dice(touch, overlap, ref, pred)
-    return _Decision(touch, ref_hit, pred_hit, pred_touch, ref_dice, pred_dice, np.zeros(0))
+    return _Decision(
+        matched=touch,
+        ref_hit=ref_hit,
+        pred_hit=pred_hit,
+        pred_touch=pred_touch,
+        ref_dice=ref_dice,
+        pred_dice=pred_dice,
+        match_iou=np.zeros(0),
+    )
 
 
 def _anima_detected(
     tested_ids: np.ndarray,
     other_ids: np.ndarray,
+    *,
     overlap_voxels: np.ndarray,
     tested_sizes: np.ndarray,
     other_sizes: np.ndarray,
@@ -423,24 +437,31 @@ def _anima_detected(
 
 
 def _match_anima(
-    overlap: _Pairs,
-    ref: Components,
-    pred: Components,
-    ref_kept: int,
-    pred_kept: int,
-    rule: LesionRule,
+    overlap: _Pairs, lesions: tuple[Components, Components], kept: tuple[int, int], rule: LesionRule
 ) -> _Decision:
-    """MSSEG 2016 (Anima): coverage tests both ways; overlapping pairs are the matches."""
+    """MSSEG 2016 (Anima): coverage tests both ways; overlapping pairs are the matches.
+    ``lesions``: the reference and predicted components; ``kept``: how many of each count."""
+    (ref, pred), (ref_kept, pred_kept) = lesions, kept
     ref_hit = _anima_detected(
-        overlap.ref, overlap.pred, overlap.voxels, ref.sizes, pred.sizes, ref_kept, rule
-    )
+        overlap.ref, overlap.pred, overlap_voxels=overlap.voxels, tested_sizes=ref.sizes,
+        other_sizes=pred.sizes, n_tested_kept=ref_kept, rule=rule,
+    )  # fmt: skip
     pred_hit = _anima_detected(
-        overlap.pred, overlap.ref, overlap.voxels, pred.sizes, ref.sizes, pred_kept, rule
-    )
+        overlap.pred, overlap.ref, overlap_voxels=overlap.voxels, tested_sizes=pred.sizes,
+        other_sizes=ref.sizes, n_tested_kept=pred_kept, rule=rule,
+    )  # fmt: skip
     ref_dice, pred_dice = _both_union_dice(overlap, overlap, ref, pred)
     ref_dice[~ref_hit] = 0.0  # overlapping but not detected: scores 0, as a missed lesion
     pred_dice[~pred_hit] = 0.0
-    return _Decision(overlap, ref_hit, pred_hit, pred_hit.copy(), ref_dice, pred_dice, np.zeros(0))
+    return _Decision(
+        matched=overlap,
+        ref_hit=ref_hit,
+        pred_hit=pred_hit,
+        pred_touch=pred_hit.copy(),
+        ref_dice=ref_dice,
+        pred_dice=pred_dice,
+        match_iou=np.zeros(0),
+    )
 
 
 def _greedy(overlap: _Pairs, ref: Components, pred: Components, rule: LesionRule) -> _Pairs:
@@ -468,9 +489,11 @@ def _greedy(overlap: _Pairs, ref: Components, pred: Components, rule: LesionRule
 
 
 def _match_one_to_one(
-    overlap: _Pairs, ref: Components, pred: Components, ref_small: np.ndarray, rule: LesionRule
+    overlap: _Pairs, lesions: tuple[Components, Components], ref_small: np.ndarray, rule: LesionRule
 ) -> _Decision:
-    """Panoptica: greedy IoU / Dice pairs; each lesion scores the Dice of its one match."""
+    """Panoptica: greedy IoU / Dice pairs; each lesion scores the Dice of its one match.
+    ``lesions``: the reference and predicted components."""
+    ref, pred = lesions
     matched = _greedy(overlap, ref, pred, rule)
     ref_hit = np.zeros(ref.n, dtype=bool)
     pred_hit = np.zeros(pred.n, dtype=bool)
@@ -485,7 +508,15 @@ def _match_one_to_one(
     ref_dice[matched.ref - 1] = 2.0 * matched.voxels / both_sizes
     pred_dice[matched.pred - 1] = 2.0 * matched.voxels / both_sizes
     match_iou = (matched.voxels / (both_sizes - matched.voxels))[counted]
-    return _Decision(matched, ref_hit, pred_hit, pred_touch, ref_dice, pred_dice, match_iou)
+    return _Decision(
+        matched=matched,
+        ref_hit=ref_hit,
+        pred_hit=pred_hit,
+        pred_touch=pred_touch,
+        ref_dice=ref_dice,
+        pred_dice=pred_dice,
+        match_iou=match_iou,
+    )
 
 
 def _statuses(
@@ -539,13 +570,14 @@ def match_lesions(
         touch = _overlap_pairs(region_labels, pred_labels, region & pred, n_pred)
         touch = touch.without(ref_removed, pred_small)
 
+    lesions = (ref_lesions, pred_lesions)
     if rule.one_to_one:
-        decision = _match_one_to_one(overlap, ref_lesions, pred_lesions, ref_small, rule)
+        decision = _match_one_to_one(overlap, lesions, ref_small, rule)
     elif rule.match == "anima":
-        ref_kept, pred_kept = int((~ref_removed).sum()), int((~pred_small).sum())
-        decision = _match_anima(overlap, ref_lesions, pred_lesions, ref_kept, pred_kept, rule)
+        kept = (int((~ref_removed).sum()), int((~pred_small).sum()))
+        decision = _match_anima(overlap, lesions, kept, rule)
     else:
-        decision = _match_any_overlap(touch, overlap, ref_lesions, pred_lesions, ref_small)
+        decision = _match_any_overlap(touch, overlap, lesions, ref_small)
     ref_status, pred_status = _statuses(ref_small, pred_small, decision)
     return Matching(
         ref=ref_lesions,
