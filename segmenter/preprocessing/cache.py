@@ -1,15 +1,16 @@
 """On-disk cache of preprocessed cases: uncompressed ``.npy`` arrays read memory-mapped.
 
 Preprocessing (reading compressed NIfTI, reorienting, cropping, resampling, normalising) is
-the same for every run on a dataset with the same settings, so ``data.cache_dir`` keeps its
-result: one folder per case, named ``{case_id}-{key}``, holding ``image.npy`` (float32),
-``label.npy`` (uint8, when labelled) and ``meta.json`` (crop box, affine, spacing, shapes,
-orientation), ``meta.json`` written last so a folder without it is incomplete and rebuilt.
-The key hashes the cache format version, the preprocessing settings (crop to nonzero, target
-spacing, intensity clipping, CT normalisation) and every input file's resolved path, size and
-modification time, so a changed setting or file gets a new entry. Arrays are opened with
-``numpy.load(mmap_mode="r")``: training reads only the patches it samples, and forked loader
-workers share the pages.
+the same for every run on a dataset with the same settings, so ``data.cache_dir`` keeps it:
+
+- one folder per case, ``{case_id}-{key}``, holding ``image.npy`` (float32), ``label.npy``
+  (uint8, when labelled) and ``meta.json`` (crop box, affine, spacing, shapes, orientation),
+  written last, so a folder without it is incomplete and rebuilt;
+- the key hashes the cache format version, the preprocessing settings
+  (:meth:`~segmenter.preprocessing.spec.PreprocessingSpec.cache_settings`) and every input
+  file's resolved path, size and modification time: a changed setting or file gets a new entry;
+- arrays are opened with ``numpy.load(mmap_mode="r")``: training reads only the patches it
+  samples, and forked loader workers share the pages.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ DataLoader batches them (each worker builds whole batches). Per sample:
 3. the patch is kept inside the volume where the volume is large enough (a foreground-centred
    patch is shifted inwards near the border, as in nnU-Net); along an axis shorter than the
    patch, the volume is centred and padded with 0 (image and label);
-4. augmentation (:mod:`segmenter.training.augmentation`): the spatial transform is drawn first and
-the
-   larger source region it needs is cropped, so rotation brings no empty corners except
-   beyond the volume's edge (zeros there, like the background of a z-scored case).
+4. augmentation (:mod:`segmenter.training.augmentation`): the spatial transform is drawn
+   first and the larger source region it needs is cropped, so rotation brings no empty
+   corners except beyond the volume's edge (zeros there, like the background of a z-scored
+   case).
 
 Foreground voxels are indexed once at construction: per case, one int32/int64 array of flat
 voxel indices sorted by lesion, plus lesion offsets (CSR layout; a few bytes per lesion voxel).

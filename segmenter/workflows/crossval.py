@@ -1,19 +1,20 @@
 """``segmenter crossval``: every fold, out-of-fold predictions, tuned post-processing, one summary.
 
-For each fold K of the config's split (``train.n_folds``, or the folds asked for) a run is
-trained into ``OUT/fold_K`` (a finished fold is kept; an interrupted one resumes from its
-``last.pt``). Each fold's model then predicts its own validation cases, with the run's
-inference settings (mirroring TTA by default), in the scans' native geometry: the out-of-fold
-(OOF) probabilities, written to ``OUT/oof/probabilities`` (a rerun reads those of folds not
-retrained since, with their timings from ``OUT/oof/seconds.json``, instead of predicting them
-again). On them a grid search (:mod:`segmenter.evaluation.tuning`) picks the threshold and minimum
-lesion size (mm3; the sizes tried reach a tenth of the median volume of the reference lesions the
-evaluation rule counts, :func:`segmenter.evaluation.tuning.min_size_grid`); the OOF masks before
-tuning (the config's ``inference.threshold`` and ``inference.min_lesion_mm3``) and after are
-evaluated as ``segmenter evaluate`` does: ``OUT/oof/before/summary.json`` and ``OUT/summary.json``.
-``postprocessing.json`` (the choice, both scores and the grid) goes into ``OUT`` and into every
-fold's run, where ``predict`` picks it up; ``segmenter predict --model OUT`` averages the folds'
-probabilities.
+- **train**: each fold K of the config's split (``train.n_folds``, or the folds asked for) into
+  ``OUT/fold_K``; a finished fold is kept, an interrupted one resumes from its ``last.pt``;
+- **predict out of fold**: each fold's model predicts its own validation cases with the run's
+  inference settings (mirroring TTA by default) in the scans' native geometry, into
+  ``OUT/oof/probabilities``; a rerun reads the maps of folds not retrained since (timings in
+  ``OUT/oof/seconds.json``) instead of predicting them again;
+- **tune**: a grid search (:mod:`segmenter.evaluation.tuning`) picks the threshold and minimum
+  lesion size in mm3 (the sizes reach a tenth of the median volume of the reference lesions the
+  evaluation rule counts, :func:`segmenter.evaluation.tuning.min_size_grid`);
+- **evaluate**: the OOF masks before tuning (the config's ``inference.threshold`` and
+  ``inference.min_lesion_mm3``) and after, as ``segmenter evaluate`` does:
+  ``OUT/oof/before/summary.json`` and ``OUT/summary.json``;
+- **record**: ``postprocessing.json`` (the choice, both scores and the grid) in ``OUT`` and in
+  every fold's run, where ``predict`` picks it up; ``segmenter predict --model OUT`` averages
+  the folds' probabilities.
 """
 
 from __future__ import annotations
