@@ -14,10 +14,10 @@ Measures, in one process and with the same torch threads:
    the default InferenceConfig, without and with mirroring TTA, against MONAI's
    ``sliding_window_inference`` (same window, overlap, Gaussian weights, windows per batch) and a
    plain 8-mirror TTA loop;
-4. the data-loader wait: ``train.fit`` on a small phantom dataset in a temporary folder, and the
+4. the data-loader wait: ``loop.fit`` on a small phantom dataset in a temporary folder, and the
    fraction of the training time the step waited for a batch.
 
-``train.tune_allocator()`` (process-wide) is called first, so both pipelines get it. Prints a
+``loop.tune_allocator()`` (process-wide) is called first, so both pipelines get it. Prints a
 table with the ratios ours/MONAI and the load average around each part (other processes on the
 same cores slow both sides alike, since they are interleaved). Always exits 0.
 
@@ -50,7 +50,7 @@ from segmenter.inference.sliding_window import predict_logits
 from segmenter.nn.losses import build_loss
 from segmenter.nn.network import build_model, count_parameters
 from segmenter.nn.runtime import autocast_dtype
-from segmenter.training import loop as train
+from segmenter.training import loop
 from segmenter.training.schedule import build_optimizer
 
 CPU = torch.device("cpu")
@@ -98,7 +98,7 @@ def training_steps(
     dtype = autocast_dtype(cfg.train.precision, CPU)
     torch.manual_seed(0)
     ours = build_model(cfg.model, x.shape[1], 1).place(CPU).train()
-    step = train.TrainStep(  # the training loop's own step (AdamW, autocast, grad clipping)
+    step = loop.TrainStep(  # the training loop's own step (AdamW, autocast, grad clipping)
         cfg=cfg, model=ours, loss_fn=build_loss(cfg.loss),
         optimizer=build_optimizer(cfg.train, ours), device=CPU, dtype=dtype,
     )  # fmt: skip
@@ -181,7 +181,7 @@ def inference_seconds(
 
 
 def data_wait(cases: int, size: int, epochs: int, iters: int, tmp: Path) -> dict[str, float]:
-    """``train.fit`` on a phantom dataset; wait fraction, steps/s, per-epoch wait from metrics."""
+    """``loop.fit`` on a phantom dataset; wait fraction, steps/s, per-epoch wait from metrics."""
     root = write_dataset(tmp / "data", cases, seed=0, spec=PhantomSpec(size=size))
     cfg = load_config(
         None,
@@ -193,7 +193,7 @@ def data_wait(cases: int, size: int, epochs: int, iters: int, tmp: Path) -> dict
             "train.n_folds=4",
         ],
     )
-    result = train.fit(cfg, tmp / "run", progress=False)
+    result = loop.fit(cfg, tmp / "run", progress=False)
     with open(tmp / "run" / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     train_s = sum(float(r["epoch_s"]) for r in rows)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         args.fit_cases, args.fit_size, args.fit_epochs, args.fit_iters = 4, 32, 1, 2
 
     torch.set_num_threads(args.threads)
-    allocator = train.tune_allocator()  # process-wide: applies to both pipelines
+    allocator = loop.tune_allocator()  # process-wide: applies to both pipelines
     cfg = Config()
     if args.patch:
         cfg = load_config(None, [f"data.patch_size=[{args.patch}, {args.patch}, {args.patch}]"])

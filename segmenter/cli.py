@@ -76,13 +76,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from segmenter.atomic import write_text
     from segmenter.data.layout import load_dataset
     from segmenter.planning import fingerprint as fp_mod
-    from segmenter.planning import planner as plan_mod
+    from segmenter.planning import planner
 
     cfg = config_mod.load_config(args.config, args.set)
     dataset = load_dataset(args.dataset)
     out = Path(args.out) if args.out else Path("plans") / dataset.name
     fp = fp_mod.dataset_fingerprint(dataset, workers=2, progress=_progress("fingerprint"))
-    dataset_plan = plan_mod.make_dataset_plan(fp, cfg)
+    dataset_plan = planner.make_dataset_plan(fp, cfg)
     fp_mod.write_fingerprint(fp, out / "fingerprint.json")
     write_text(out / "plan.json", json.dumps(dataset_plan, indent=2) + "\n")
     print(_describe_dataset_plan(dataset.name, dataset_plan, fp["summary"]["lesions"]["total"]))
@@ -142,9 +142,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = _experiment_config(args)
     fold: int | str = args.fold
     out = Path(args.out) if args.out else _default_run_dir(args.config, fold)
-    from segmenter.training import loop as train
+    from segmenter.training import loop
 
-    result = train.fit(cfg, out, fold=fold, resume=args.resume, progress=True)
+    result = loop.fit(cfg, out, fold=fold, resume=args.resume, progress=True)
     how = "budget reached" if result.stopped_by_budget else "all epochs"
     print(
         f"trained {result.epochs} epochs ({result.steps} steps, {how}) in "
@@ -161,10 +161,10 @@ def _experiment_config(args: argparse.Namespace) -> Any:
 
     cfg = config_mod.load_config(args.config)
     if getattr(args, "plan", None):
-        from segmenter.planning import planner as plan_mod
+        from segmenter.planning import planner
 
         cfg = config_mod.apply_values(
-            cfg, plan_mod.dataset_plan_values(plan_mod.read_dataset_plan(args.plan))
+            cfg, planner.dataset_plan_values(planner.read_dataset_plan(args.plan))
         )
     return config_mod.apply_overrides(cfg, args.set)
 
@@ -175,15 +175,16 @@ def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def _default_run_dir(config_path: str | None, fold: int | str) -> Path:
+    from segmenter.data.splits import fold_dir
+
     stem = Path(config_path).stem if config_path else "run"
-    return Path("runs") / stem / f"fold_{fold}"
+    return fold_dir(Path("runs") / stem, fold)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from segmenter.inference import predict
-    from segmenter.inference import predictor as inference
+    from segmenter.inference import predict, predictor
 
-    predictors = inference.load_predictors(args.model, device=args.device)
+    predictors = predictor.load_predictors(args.model, device=args.device)
     options = predict.PredictOptions(
         tta=False if args.no_tta else None,
         threshold=args.threshold,
@@ -228,11 +229,11 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from segmenter import config as config_mod
     from segmenter.evaluation.report import format_metric
-    from segmenter.workflows import compare as experiments
+    from segmenter.workflows.compare import compare, load_variants
 
     base = config_mod.load_config(args.config, args.set)
-    variants = experiments.load_variants(args.variants, base)
-    results = experiments.compare(
+    variants = load_variants(args.variants, base)
+    results = compare(
         base, variants, args.out, minutes=args.minutes, progress=True,
         variant_progress=_progress("compare", unit="variant"),
     )  # fmt: skip

@@ -27,7 +27,7 @@ import numpy as np
 
 from segmenter import io
 from segmenter.errors import InputError
-from segmenter.preprocessing import resampling as resample
+from segmenter.preprocessing import resampling
 from segmenter.preprocessing.geometry import CropBox, crop, nonzero_bbox, to_canonical, uncrop
 from segmenter.preprocessing.normalisation import normalise
 from segmenter.preprocessing.spec import PreprocessingSpec
@@ -64,10 +64,10 @@ def resample_hook(
     if target_spacing is None or np.allclose(target_spacing, spacing, rtol=1e-5, atol=0):
         return image, label, spacing
     target = tuple(float(v) for v in target_spacing)
-    shape = resample.new_shape(image.shape[1:], spacing, target)
-    image = resample.resample_image(image, spacing, target, shape=shape)
+    shape = resampling.new_shape(image.shape[1:], spacing, target)
+    image = resampling.resample_image(image, spacing, target, shape=shape)
     if label is not None:
-        label = resample.resample_label(label, spacing, target, shape=shape)
+        label = resampling.resample_label(label, spacing, target, shape=shape)
     return image, label, target
 
 
@@ -122,10 +122,10 @@ class PreprocessedCase:
         """
         if tuple(arr.shape[-3:]) != self.box.size:
             if arr.ndim == 3:
-                arr = resample.resample_probabilities(arr, self.spacing, self.box.size)
+                arr = resampling.resample_probabilities(arr, self.spacing, self.box.size)
             else:
                 flat = arr.reshape(-1, *arr.shape[-3:])
-                back = resample.resample_probabilities(flat, self.spacing, self.box.size)
+                back = resampling.resample_probabilities(flat, self.spacing, self.box.size)
                 arr = back.reshape(*arr.shape[:-3], *self.box.size)
         out = uncrop(arr, self.box, fill=fill)
         if self.orientation is None:

@@ -115,12 +115,12 @@ def run_variant(
     from segmenter.evaluation import evaluate
     from segmenter.inference.predict import PROBABILITY_FOLDER, PredictOptions, predict_case
     from segmenter.inference.predictor import load_predictor
-    from segmenter.training import loop as train
+    from segmenter.training import loop
 
     cfg = variant_config(base, variant, minutes)
     run = folder / "run"
     resume = (run / "checkpoints" / "last.pt").is_file()
-    result = train.fit(cfg, run, fold=0, resume=resume, progress=progress)
+    result = loop.fit(cfg, run, fold=0, resume=resume, progress=progress)
     dataset = load_dataset(resolve_dataset(cfg))
     cases, held_out = held_out_cases(dataset, run)
     predictor = load_predictor(run)

@@ -89,7 +89,7 @@ def _chosen_folds(cfg: Config, folds: Sequence[int] | None) -> list[int]:
 
 
 def _train_folds(cfg: Config, out: Path, folds: Sequence[int], progress: bool) -> list[int]:
-    from segmenter.training import loop as train
+    from segmenter.training import loop
 
     trained = []
     for k in folds:
@@ -98,7 +98,7 @@ def _train_folds(cfg: Config, out: Path, folds: Sequence[int], progress: bool) -
             log.info("fold %d: finished before, kept", k)
             continue
         resume = (run / "checkpoints" / "last.pt").is_file()
-        result = train.fit(cfg, run, fold=k, resume=resume, progress=progress)
+        result = loop.fit(cfg, run, fold=k, resume=resume, progress=progress)
         done = {"epochs": result.epochs, "steps": result.steps, "minutes": result.seconds / 60}
         write_text(run / DONE_FILE, json.dumps(done, indent=2))
         trained.append(k)

@@ -85,7 +85,7 @@ def run_demo(
     from segmenter.evaluation import evaluate, report
     from segmenter.inference.predict import PredictOptions, predict_all
     from segmenter.inference.predictor import load_predictor
-    from segmenter.training import loop as train
+    from segmenter.training import loop
 
     start = time.perf_counter()
     out = Path(out)
@@ -101,7 +101,7 @@ def run_demo(
         import shutil
 
         shutil.rmtree(run_dir)
-    result = train.fit(cfg, run_dir, fold=0, progress=True)
+    result = loop.fit(cfg, run_dir, fold=0, progress=True)
     print(
         f"trained {result.epochs} epochs ({result.steps} steps) in {result.seconds / 60:.1f} min; "
         f"best validation lesion F1 {result.best_metric:.3f} (moving average; epoch "
