@@ -316,7 +316,44 @@ class _Anatomy:
     texture: np.ndarray
 
 
-def _anatomy(rng: np.random.Generator, grid: _Grid, size: int) -> _Anatomy:
+@dataclass
+class _HeadFields:
+    """The head's shape and the smooth random fields that every layer is cut from."""
+
+    rho: np.ndarray  # perturbed ellipsoid radius of the head, 1 on the scalp surface
+    low: np.ndarray  # coarse field (6 control points per axis)
+    mid: np.ndarray  # medium field (10 control points per axis)
+    fold: np.ndarray  # fine field whose zero level set places the sulci
+    n_fold: int  # control points per axis of ``fold``
+    width: float  # partial-volume edge, about one voxel in ellipsoid-radius units
+
+
+@dataclass
+class _Layers:
+    """Soft memberships (0-1) of the nested head layers, fissure included."""
+
+    head: np.ndarray  # inside the scalp surface
+    skull: np.ndarray  # inside the skull's outer surface
+    inner: np.ndarray  # inside the skull's inner surface (CSF and brain)
+    brain: np.ndarray
+    wm: np.ndarray
+    sulcus: np.ndarray  # CSF of the sulci and the interhemispheric fissure
+    depth: np.ndarray  # inward distance from the brain surface
+    wm_depth: np.ndarray  # depth at which the white matter starts
+
+
+@dataclass
+class _DeepStructures:
+    """Deep grey matter and lateral ventricles of both hemispheres."""
+
+    dgm: np.ndarray  # soft membership of the deep grey matter
+    vent: np.ndarray  # soft membership of the ventricles
+    dgm_radius: np.ndarray  # normalised ellipsoid radius of the nearest deep grey nucleus
+    vent_radius: np.ndarray  # perturbed normalised ellipsoid radius of the nearest ventricle
+
+
+def _head_fields(rng: np.random.Generator, grid: _Grid, size: int) -> _HeadFields:
+    """Draw the head ellipsoid and the shared smooth fields."""
     vox = grid.voxel
     jitter = rng.uniform(0.94, 1.04, 3)
     head_semi = np.array([0.74, 0.88, 0.80]) * jitter
@@ -325,9 +362,14 @@ def _anatomy(rng: np.random.Generator, grid: _Grid, size: int) -> _Anatomy:
     mid = grid.smooth_field(rng, 10)
     n_fold = int(np.clip(size // 3, 8, 32))
     fold = grid.smooth_field(rng, n_fold)
-
     rho = grid.ellipsoid(head_centre, head_semi) + 0.025 * low
     width = 0.3 * vox * 1.2  # about one voxel of edge in ellipsoid-radius units
+    return _HeadFields(rho=rho, low=low, mid=mid, fold=fold, n_fold=n_fold, width=width)
+
+
+def _layers(rng: np.random.Generator, grid: _Grid, fields: _HeadFields) -> _Layers:
+    """Scalp, skull, CSF, folded cortex and white matter, then the interhemispheric fissure."""
+    vox, width, rho = grid.voxel, fields.width, fields.rho
     t_scalp = rng.uniform(0.05, 0.07)
     t_skull = rng.uniform(0.05, 0.07)
     t_csf = rng.uniform(0.02, 0.035)
@@ -335,30 +377,53 @@ def _anatomy(rng: np.random.Generator, grid: _Grid, size: int) -> _Anatomy:
     head = _soft(1.0, rho, width)
     skull = _soft(1.0 - t_scalp, rho, width)
     inner = _soft(1.0 - t_scalp - t_skull, rho, width)
-    rho_b = rho + 0.015 * mid
+    rho_b = rho + 0.015 * fields.mid
     brain_edge = 1.0 - t_scalp - t_skull - t_csf
     brain = _soft(brain_edge, rho_b, width)
     # Sulci are thin CSF sheets on the zero level set of `fold`, reaching into the cortex; the
     # white matter sits deeper next to a sulcus and comes closer to the surface in a gyral crown.
     depth = brain_edge - rho_b  # inward distance from the brain surface
-    closeness = np.minimum(np.abs(fold), 1.0)
+    closeness = np.minimum(np.abs(fields.fold), 1.0)
     wm_depth = t_gm * (1.6 - 1.0 * closeness)
     wm = _soft(0.0, wm_depth - depth, width)
-    sheet = 0.5 * vox * 1.2 * n_fold / 2.0  # about 1 voxel thick
-    sulcus = _soft(sheet, np.abs(fold), 0.3 * sheet) * _soft(1.3 * t_gm, depth, width)
-    # interhemispheric fissure: full height at the poles, above the corpus callosum elsewhere
-    mid_x = np.abs(grid.x - 0.01 * mid)
+    sheet = 0.5 * vox * 1.2 * fields.n_fold / 2.0  # about 1 voxel thick
+    sulcus = _soft(sheet, np.abs(fields.fold), 0.3 * sheet) * _soft(1.3 * t_gm, depth, width)
+    fissure, wm_kept = _fissure(rng, grid, fields, t_gm)
+    wm = wm * wm_kept
+    sulcus = np.maximum(sulcus, fissure) * (1.0 - wm) * brain
+    return _Layers(
+        head=head,
+        skull=skull,
+        inner=inner,
+        brain=brain,
+        wm=wm,
+        sulcus=sulcus,
+        depth=depth,
+        wm_depth=wm_depth,
+    )
+
+
+def _fissure(
+    rng: np.random.Generator, grid: _Grid, fields: _HeadFields, t_gm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The interhemispheric fissure's CSF membership and the white-matter fraction it spares.
+
+    Full height at the poles, above the corpus callosum elsewhere; it splits the white matter
+    too, lined with cortex (of thickness about ``t_gm``).
+    """
+    mid_x = np.abs(grid.x - 0.01 * fields.mid)
     z_fissure = rng.uniform(-0.15, 0.0)
-    fissure_w = vox * rng.uniform(0.4, 0.7)
+    fissure_w = grid.voxel * rng.uniform(0.4, 0.7)
     extent = np.maximum(
         _soft(0.0, z_fissure - grid.z, 0.04), _soft(0.0, 0.5 - np.abs(grid.y), 0.04)
     )
-    fissure = _soft(fissure_w, mid_x, 0.5 * width) * extent
-    # the fissure splits the white matter too, lined with cortex
-    wm = wm * (1.0 - _soft(fissure_w + 0.6 * t_gm, mid_x, width) * extent)
-    sulcus = np.maximum(sulcus, fissure) * (1.0 - wm) * brain
+    fissure = _soft(fissure_w, mid_x, 0.5 * fields.width) * extent
+    wm_kept = 1.0 - _soft(fissure_w + 0.6 * t_gm, mid_x, fields.width) * extent
+    return fissure, wm_kept
 
-    # deep grey matter (thalamus / basal ganglia) and lateral ventricles, both hemispheres
+
+def _deep_structures(rng: np.random.Generator, grid: _Grid, fields: _HeadFields) -> _DeepStructures:
+    """Deep grey matter (thalamus / basal ganglia) and lateral ventricles, both hemispheres."""
     scale_v = rng.uniform(0.8, 1.4)
     dgm_f = None
     vent_f = None
@@ -371,40 +436,55 @@ def _anatomy(rng: np.random.Generator, grid: _Grid, size: int) -> _Anatomy:
         s = np.array([0.06 * scale_v, 0.30, 0.11 * scale_v]) * rng.uniform(0.9, 1.1, 3)
         e = grid.ellipsoid(c, s, rotation_matrix(np.array([0.0, side * 0.15, side * 0.2])))
         vent_f = e if vent_f is None else np.minimum(vent_f, e)
-    vent_f = vent_f + 0.12 * mid
-    dgm = _soft(1.0, dgm_f + 0.08 * low, 4 * width)
-    vent = _soft(1.0, vent_f, 4 * width)
+    vent_f = vent_f + 0.12 * fields.mid
+    dgm = _soft(1.0, dgm_f + 0.08 * fields.low, 4 * fields.width)
+    vent = _soft(1.0, vent_f, 4 * fields.width)
+    return _DeepStructures(dgm=dgm, vent=vent, dgm_radius=dgm_f, vent_radius=vent_f)
 
-    layers = [
-        (head, _SCALP),
-        (skull, _SKULL),
-        (inner, _CSF),
-        (brain, _GM),
-        (wm, _WM),
-        (dgm, _DGM),
-        (sulcus, _CSF),
-        (vent, _CSF),
+
+def _assemble_anatomy(
+    grid: _Grid, layers: _Layers, deep: _DeepStructures, texture: np.ndarray
+) -> _Anatomy:
+    """Compositing order, hard tissue classes and the masks lesions are placed in."""
+    ly = layers
+    composited = [
+        (ly.head, _SCALP),
+        (ly.skull, _SKULL),
+        (ly.inner, _CSF),
+        (ly.brain, _GM),
+        (ly.wm, _WM),
+        (deep.dgm, _DGM),
+        (ly.sulcus, _CSF),
+        (deep.vent, _CSF),
     ]
     tissues = np.zeros(grid.shape, dtype=np.uint8)
-    for m, cls in zip(
-        (head, skull, inner, brain, wm, dgm, sulcus, vent), (1, 2, 3, 4, 5, 6, 3, 7), strict=True
-    ):
+    memberships = (ly.head, ly.skull, ly.inner, ly.brain, ly.wm, deep.dgm, ly.sulcus, deep.vent)
+    for m, cls in zip(memberships, (1, 2, 3, 4, 5, 6, 3, 7), strict=True):
         tissues[m > 0.5] = cls
     parenchyma = (tissues >= TISSUE_CLASSES["gm"]) & (tissues <= TISSUE_CLASSES["deep_gm"])
     is_wm = tissues == TISSUE_CLASSES["wm"]
-    margin = 1.5 * vox * 1.2
-    deep_wm = is_wm & (depth - wm_depth > margin) & (vent_f > 1.4) & (dgm_f > 1.3)
-    periventricular_wm = is_wm & (vent_f < 1.6)
-    texture = grid.smooth_field(rng, 16)
+    margin = 1.5 * grid.voxel * 1.2
+    clear_of_deep = (deep.vent_radius > 1.4) & (deep.dgm_radius > 1.3)
+    deep_wm = is_wm & (ly.depth - ly.wm_depth > margin) & clear_of_deep
+    periventricular_wm = is_wm & (deep.vent_radius < 1.6)
     return _Anatomy(
-        layers=layers,
+        layers=composited,
         tissues=tissues,
-        parenchyma_soft=brain * (1.0 - vent) * (1.0 - sulcus),
+        parenchyma_soft=ly.brain * (1.0 - deep.vent) * (1.0 - ly.sulcus),
         deep_wm=deep_wm,
         periventricular_wm=periventricular_wm,
         parenchyma=parenchyma,
         texture=texture,
     )
+
+
+def _anatomy(rng: np.random.Generator, grid: _Grid, size: int) -> _Anatomy:
+    """Draw one head's anatomy (the draws happen in this order: fields, layers, deep, texture)."""
+    fields = _head_fields(rng, grid, size)
+    layers = _layers(rng, grid, fields)
+    deep = _deep_structures(rng, grid, fields)
+    texture = grid.smooth_field(rng, 16)
+    return _assemble_anatomy(grid, layers, deep, texture)
 
 
 # ----------------------------------------------------------------------------------- lesions
@@ -460,6 +540,152 @@ def _lesion_blob(rng: np.random.Generator, step: tuple[float, ...], radius: floa
     return phi.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _LesionBudget:
+    """How much lesion a case gets, in voxels, and how large a lesion may be."""
+
+    target: float  # stop placing lesions once this many voxels are lesion
+    cap: float  # never exceed this many lesion voxels (keeps the last lesion from overshooting)
+    r_max: float  # largest nominal radius, in finest voxels
+
+
+@dataclass
+class _LesionCanvas:
+    """The lesion maps of one case, painted one lesion at a time."""
+
+    label: np.ndarray  # bool
+    membership: np.ndarray  # float32 soft membership of the owning lesion
+    owner: np.ndarray  # int16, 0 = none, k = lesion k (1-based)
+    contrasts: list[np.ndarray]  # per lesion, after a zero row for "no lesion"
+    radii: list[float]  # nominal radius of each lesion, in finest voxels
+    placed: list[tuple[np.ndarray, float]]  # (centre in finest-voxel units, radius) per lesion
+    n_voxels: int = 0  # lesion voxels so far
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int, int]) -> _LesionCanvas:
+        """A canvas with no lesion."""
+        return cls(
+            label=np.zeros(shape, dtype=bool),
+            membership=np.zeros(shape, dtype=np.float32),
+            owner=np.zeros(shape, dtype=np.int16),
+            contrasts=[np.zeros(len(CONTRASTS))],
+            radii=[],
+            placed=[],
+        )
+
+    def paint(
+        self, dst: tuple[slice, ...], phi: np.ndarray, inside: np.ndarray, radius: float
+    ) -> None:
+        """Add the next lesion's mask ``inside`` and soft membership (from ``phi``) at ``dst``."""
+        k = len(self.radii) + 1
+        self.label[dst] |= inside
+        m = _soft(0.0, -phi, 0.25 / radius)
+        upd = m > self.membership[dst]
+        self.membership[dst] = np.where(upd, m, self.membership[dst])
+        self.owner[dst] = np.where(upd, np.int16(k), self.owner[dst])
+
+    def lesions(self) -> _Lesions:
+        """The finished :class:`_Lesions`."""
+        contrast = np.stack(self.contrasts)
+        return _Lesions(self.label, self.membership, self.owner, contrast, self.radii)
+
+
+def _lesion_budget(rng: np.random.Generator, spec: PhantomSpec, n_vox: int) -> _LesionBudget:
+    """Draw a log-uniform lesion voxel target well inside ``spec.lesion_fraction``."""
+    low_frac, high_frac = spec.lesion_fraction
+    target = n_vox * math.exp(rng.uniform(math.log(1.6 * low_frac), math.log(0.7 * high_frac)))
+    cap = 0.95 * high_frac * n_vox
+    r_max = spec.max_lesion_radius or max(3.0, 10.0 * spec.size / 64.0)
+    return _LesionBudget(target=target, cap=cap, r_max=r_max)
+
+
+def _centre_pools(anatomy: _Anatomy) -> list[np.ndarray]:
+    """Flat voxel indices where a lesion centre may go: deep WM, periventricular WM, parenchyma.
+
+    An empty WM pool falls back to the parenchyma (the last pool, which may itself be empty).
+    """
+    pools = [np.flatnonzero(m) for m in (anatomy.deep_wm, anatomy.periventricular_wm)]
+    pools.append(np.flatnonzero(anatomy.parenchyma))
+    return [p if p.size else pools[-1] for p in pools]
+
+
+def _pick_centre(
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    grid: _Grid,
+    radius: float,
+    placed: list[tuple[np.ndarray, float]],
+) -> np.ndarray:
+    """A voxel from ``pool``, preferably clear of the lesions placed so far (8 tries)."""
+    step = np.asarray(grid.step)
+    for _try in range(8):  # prefer separate lesions; confluent ones happen when crowded
+        centre = np.array(np.unravel_index(pool[rng.integers(pool.size)], grid.shape))
+        pos = centre * step
+        if all(np.linalg.norm(pos - p) >= 0.9 * (radius + r) + 1.0 for p, r in placed):
+            break
+    return centre
+
+
+def _box_slices(
+    centre: np.ndarray, box: tuple[int, ...], shape: tuple[int, int, int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """``(src, dst)``: the part of a local box centred on ``centre`` that lies in the volume."""
+    first = [int(c) - (n - 1) // 2 for c, n in zip(centre, box, strict=True)]
+    src = tuple(
+        slice(max(0, -f), n - max(0, f + n - s)) for f, n, s in zip(first, box, shape, strict=True)
+    )
+    dst = tuple(slice(max(0, f), min(s, f + n)) for f, n, s in zip(first, box, shape, strict=True))
+    return src, dst
+
+
+def _main_blob(phi: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(phi, inside)`` keeping only the largest component of ``phi > 0``; None if empty.
+
+    Satellite specks and their halo are pushed outside (``phi = -1``).
+    """
+    inside = phi > 0
+    comps, n_comp = ndi.label(inside)
+    if n_comp == 0:
+        return None
+    if n_comp > 1:
+        sizes = np.bincount(comps.ravel())[1:]
+        keep = comps == (int(np.argmax(sizes)) + 1)
+        drop = ndi.binary_dilation(inside & ~keep)
+        phi = np.where(drop & ~keep, np.float32(-1.0), phi)
+        inside = keep
+    return phi, inside
+
+
+def _try_lesion(
+    rng: np.random.Generator,
+    grid: _Grid,
+    anatomy: _Anatomy,
+    pools: list[np.ndarray],
+    budget: _LesionBudget,
+    canvas: _LesionCanvas,
+) -> None:
+    """Draw one lesion and paint it on ``canvas`` unless it adds nothing or overshoots the cap."""
+    radius = float(np.clip(rng.lognormal(math.log(1.5), 0.6), 1.0, budget.r_max))
+    pool = pools[int(rng.choice(3, p=[0.55, 0.35, 0.10]))]
+    centre = _pick_centre(rng, pool, grid, radius, canvas.placed)
+    phi = _lesion_blob(rng, grid.step, radius)
+    lesion_contrast = _lesion_contrast(rng)
+    src, dst = _box_slices(centre, phi.shape, grid.shape)
+    blob = _main_blob(phi[src])
+    if blob is None:
+        return
+    phi, inside = blob
+    in_parenchyma = inside & anatomy.parenchyma[dst]
+    n_new = int(np.count_nonzero(in_parenchyma & ~canvas.label[dst]))
+    if n_new == 0 or canvas.n_voxels + n_new > budget.cap:
+        return
+    canvas.n_voxels += n_new
+    canvas.paint(dst, phi, in_parenchyma, radius)
+    canvas.contrasts.append(lesion_contrast)
+    canvas.radii.append(radius)
+    canvas.placed.append((centre * np.asarray(grid.step), radius))
+
+
 def _lesions(
     rng: np.random.Generator,
     grid: _Grid,
@@ -467,77 +693,20 @@ def _lesions(
     spec: PhantomSpec,
     lesion_free: bool,
 ) -> _Lesions:
-    shape = grid.shape
-    label = np.zeros(shape, dtype=bool)
-    membership = np.zeros(shape, dtype=np.float32)
-    owner = np.zeros(shape, dtype=np.int16)
-    contrasts = [np.zeros(len(CONTRASTS))]
-    radii: list[float] = []
+    """Place lesions in the parenchyma until the drawn voxel budget is met (300 tries, 120 max)."""
+    canvas = _LesionCanvas.empty(grid.shape)
     if lesion_free:
-        return _Lesions(label, membership, owner, np.stack(contrasts), radii)
-
-    n_vox = label.size
-    low_frac, high_frac = spec.lesion_fraction
-    # a log-uniform target well inside the bounds; the cap keeps the last lesion from overshooting
-    target = n_vox * math.exp(rng.uniform(math.log(1.6 * low_frac), math.log(0.7 * high_frac)))
-    cap = 0.95 * high_frac * n_vox
-    r_max = spec.max_lesion_radius or max(3.0, 10.0 * spec.size / 64.0)
-    pools = [np.flatnonzero(m) for m in (anatomy.deep_wm, anatomy.periventricular_wm)]
-    pools.append(np.flatnonzero(anatomy.parenchyma))
-    pools = [p if p.size else pools[-1] for p in pools]
+        return canvas.lesions()
+    budget = _lesion_budget(rng, spec, canvas.label.size)
+    pools = _centre_pools(anatomy)
     if pools[-1].size == 0:
-        return _Lesions(label, membership, owner, np.stack(contrasts), radii)
-    centres: list[tuple[np.ndarray, float]] = []
-    total = 0
-    step = np.asarray(grid.step)
+        return canvas.lesions()
     for _attempt in range(300):
-        if total >= target or len(radii) >= 120:
+        if canvas.n_voxels >= budget.target or len(canvas.radii) >= 120:
             break
-        radius = float(np.clip(rng.lognormal(math.log(1.5), 0.6), 1.0, r_max))
-        pool = pools[int(rng.choice(3, p=[0.55, 0.35, 0.10]))]
-        for _try in range(8):  # prefer separate lesions; confluent ones happen when crowded
-            centre = np.array(np.unravel_index(pool[rng.integers(pool.size)], shape))
-            pos = centre * step
-            if all(np.linalg.norm(pos - p) >= 0.9 * (radius + r) + 1.0 for p, r in centres):
-                break
-        phi = _lesion_blob(rng, grid.step, radius)
-        lesion_contrast = _lesion_contrast(rng)
-        # clip the local box to the volume
-        first = [int(c) - (n - 1) // 2 for c, n in zip(centre, phi.shape, strict=True)]
-        src = tuple(
-            slice(max(0, -f), n - max(0, f + n - s))
-            for f, n, s in zip(first, phi.shape, shape, strict=True)
-        )
-        dst = tuple(
-            slice(max(0, f), min(s, f + n)) for f, n, s in zip(first, phi.shape, shape, strict=True)
-        )
-        phi = phi[src]
-        inside = phi > 0
-        comps, n_comp = ndi.label(inside)
-        if n_comp == 0:
-            continue
-        if n_comp > 1:  # keep the main blob; drop satellite specks and their halo
-            sizes = np.bincount(comps.ravel())[1:]
-            keep = comps == (int(np.argmax(sizes)) + 1)
-            drop = ndi.binary_dilation(inside & ~keep)
-            phi = np.where(drop & ~keep, np.float32(-1.0), phi)
-            inside = keep
-        new = inside & anatomy.parenchyma[dst] & ~label[dst]
-        n_new = int(np.count_nonzero(new))
-        if n_new == 0 or total + n_new > cap:
-            continue
-        total += n_new
-        k = len(radii) + 1
-        label[dst] |= inside & anatomy.parenchyma[dst]
-        m = _soft(0.0, -phi, 0.25 / radius)
-        upd = m > membership[dst]
-        membership[dst] = np.where(upd, m, membership[dst])
-        owner[dst] = np.where(upd, np.int16(k), owner[dst])
-        contrasts.append(lesion_contrast)
-        radii.append(radius)
-        centres.append((centre * step, radius))
-    membership *= anatomy.parenchyma_soft
-    return _Lesions(label, membership, owner, np.stack(contrasts), radii)
+        _try_lesion(rng, grid, anatomy, pools, budget, canvas)
+    canvas.membership *= anatomy.parenchyma_soft
+    return canvas.lesions()
 
 
 # ----------------------------------------------------------------------------------- imaging
@@ -660,6 +829,78 @@ def case_id(index: int, *, test: bool = False, width: int = 3) -> str:
     return f"phantom_{'test_' if test else ''}{index:0{width}d}"
 
 
+def _check_dataset_args(n_cases: int, n_test: int, seed: int, name: str) -> None:
+    """Raise ValueError for a bad case count, seed or dataset name."""
+    for arg, value, least in (("n_cases", n_cases, 1), ("n_test", n_test, 0), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise ValueError(f"{arg} must be an integer >= {least}, got {value!r}")
+    if not _DATASET_NAME.match(name):
+        raise ValueError(f"name must look like 'Dataset123_Name', got {name!r}")
+
+
+def _prepare_dataset_folder(root: Path, *, with_test: bool, overwrite: bool) -> None:
+    """Create the split folders; with ``overwrite``, first delete an existing dataset's files.
+
+    Raises:
+        InputError: ``root`` is not a directory, or is not empty and ``overwrite`` is False.
+    """
+    if root.exists():
+        if not root.is_dir():
+            raise InputError(f"{root}: exists and is not a directory")
+        if any(root.iterdir()):
+            if not overwrite:
+                raise InputError(
+                    f"{root}: dataset folder already exists and is not empty "
+                    "(use --overwrite to replace it)"
+                )
+            stale = root / "dataset.json"
+            stale.unlink(missing_ok=True)
+            for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+                if (root / sub).is_dir():
+                    for f in (root / sub).glob("*.nii.gz"):
+                        f.unlink()
+    subdirs = ["imagesTr", "labelsTr"] + (["imagesTs", "labelsTs"] if with_test else [])
+    for sub in subdirs:
+        (root / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _write_cases(
+    root: Path, n_cases: int, n_test: int, seed: int, spec: PhantomSpec, *, progress: bool
+) -> None:
+    """Generate and write every training case, then every test case (images and label)."""
+    jobs = [(i, False) for i in range(n_cases)] + [(i, True) for i in range(n_test)]
+    width = max(3, len(str(max(n_cases, n_test) - 1)))
+    bar = tqdm(total=len(jobs), desc="synth", unit="case", disable=not progress)
+    try:
+        for index, test in jobs:
+            phantom = make_case(seed, index, spec, test=test)
+            cid = case_id(index, test=test, width=width)
+            images_dir, labels_dir = ("imagesTs", "labelsTs") if test else ("imagesTr", "labelsTr")
+            for c, img in enumerate(phantom.images):
+                write_image(root / images_dir / f"{cid}_{c:04d}.nii.gz", img, phantom.affine)
+            write_image(root / labels_dir / f"{cid}.nii.gz", phantom.label, phantom.affine)
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def _dataset_json(name: str, spec: PhantomSpec, seed: int, n_cases: int, n_test: int) -> dict:
+    """The ``dataset.json`` contents, with the generator parameters under ``synthetic``."""
+    synthetic = asdict(spec)
+    synthetic["seed"] = int(seed)
+    synthetic["shape"] = list(spec.shape)
+    return {
+        "name": name,
+        "description": "Synthetic MRI-like head phantoms with lesions (segmenter synth)",
+        "channel_names": {str(c): n for c, n in enumerate(spec.channel_names)},
+        "labels": {"background": 0, "lesion": 1},
+        "numTraining": int(n_cases),
+        "numTest": int(n_test),
+        "file_ending": ".nii.gz",
+        "synthetic": synthetic,
+    }
+
+
 def write_dataset(
     out: str | Path,
     n_cases: int,
@@ -698,59 +939,11 @@ def write_dataset(
         InputError: the dataset folder exists, is not empty and ``overwrite`` is False.
     """
     spec = PhantomSpec() if spec is None else spec
-    for arg, value, least in (("n_cases", n_cases, 1), ("n_test", n_test, 0), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
-            raise ValueError(f"{arg} must be an integer >= {least}, got {value!r}")
-    if not _DATASET_NAME.match(name):
-        raise ValueError(f"name must look like 'Dataset123_Name', got {name!r}")
+    _check_dataset_args(n_cases, n_test, seed, name)
     root = Path(out) / name
-    subdirs = ["imagesTr", "labelsTr"] + (["imagesTs", "labelsTs"] if n_test else [])
-    if root.exists():
-        if not root.is_dir():
-            raise InputError(f"{root}: exists and is not a directory")
-        if any(root.iterdir()):
-            if not overwrite:
-                raise InputError(
-                    f"{root}: dataset folder already exists and is not empty "
-                    "(use --overwrite to replace it)"
-                )
-            stale = root / "dataset.json"
-            stale.unlink(missing_ok=True)
-            for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-                if (root / sub).is_dir():
-                    for f in (root / sub).glob("*.nii.gz"):
-                        f.unlink()
-    for sub in subdirs:
-        (root / sub).mkdir(parents=True, exist_ok=True)
-
-    jobs = [(i, False) for i in range(n_cases)] + [(i, True) for i in range(n_test)]
-    width = max(3, len(str(max(n_cases, n_test) - 1)))
-    bar = tqdm(total=len(jobs), desc="synth", unit="case", disable=not progress)
-    try:
-        for index, test in jobs:
-            phantom = make_case(seed, index, spec, test=test)
-            cid = case_id(index, test=test, width=width)
-            images_dir, labels_dir = ("imagesTs", "labelsTs") if test else ("imagesTr", "labelsTr")
-            for c, img in enumerate(phantom.images):
-                write_image(root / images_dir / f"{cid}_{c:04d}.nii.gz", img, phantom.affine)
-            write_image(root / labels_dir / f"{cid}.nii.gz", phantom.label, phantom.affine)
-            bar.update(1)
-    finally:
-        bar.close()
-
-    synthetic = asdict(spec)
-    synthetic["seed"] = int(seed)
-    synthetic["shape"] = list(spec.shape)
-    meta = {
-        "name": name,
-        "description": "Synthetic MRI-like head phantoms with lesions (segmenter synth)",
-        "channel_names": {str(c): n for c, n in enumerate(spec.channel_names)},
-        "labels": {"background": 0, "lesion": 1},
-        "numTraining": int(n_cases),
-        "numTest": int(n_test),
-        "file_ending": ".nii.gz",
-        "synthetic": synthetic,
-    }
+    _prepare_dataset_folder(root, with_test=bool(n_test), overwrite=overwrite)
+    _write_cases(root, n_cases, n_test, seed, spec, progress=progress)
+    meta = _dataset_json(name, spec, seed, n_cases, n_test)
     write_text(root / "dataset.json", json.dumps(meta, indent=2) + "\n")
     return root
 
