@@ -20,12 +20,8 @@ Own blocks, not MONAI's ``DynUNet``: at equal topology both are as fast (``scrip
 and give the same logits (``tests/test_model.py``); only ours give deep-supervision outputs at
 native resolution, depth 2, any input size and nnU-Net v2's decoder kernels for anisotropic data.
 
-Anisotropy (nnU-Net's planning rule): with ``spacing`` given, an axis whose spacing is at least
-twice the finest current spacing is not downsampled until the other axes have caught up, and
-its convolution kernel is 1 (not 3) until then; once 3 a kernel stays 3. With ``patch_size``
-given as well, an axis is only halved while its feature map stays >= 4 voxels (nnU-Net's
-minimum feature-map size), so a level may keep the resolution of the one above it. Without
-``spacing`` every level has stride 2 and kernel 3 on every axis.
+Kernels and strides per level come from :mod:`segmenter.planning.topology` (nnU-Net's
+anisotropy rule for thick-slice data).
 
 Any input size works: the model zero-pads the end of each spatial axis up to a multiple of
 :func:`required_divisor` (only when needed) and crops the logits back, so sliding-window
