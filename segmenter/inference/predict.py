@@ -12,6 +12,7 @@ written with the input's geometry.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from segmenter.evaluation.postprocess import probabilities_to_mask
 from segmenter.inference.predictor import Predictor
 from segmenter.inference.sliding_window import foreground_probability, predict_logits
 from segmenter.io import Image, is_image_file, strip_suffix, suffix_of, write_like
+from segmenter.locking import FolderLock
 from segmenter.planning.run_plan import RunPlan
 from segmenter.preprocessing.case import preprocess_arrays, read_case
 
@@ -211,4 +213,6 @@ def predict_all(
     iterable: Iterable[Case] = cases
     if progress is not None:
         iterable = progress(cases, len(cases))
-    return [predict_case(predictor, c, paths[c.case_id], options) for c in iterable]
+    one_file = list(paths.values()) == [Path(output)]
+    with contextlib.nullcontext() if one_file else FolderLock(output, "predict"):
+        return [predict_case(predictor, c, paths[c.case_id], options) for c in iterable]

@@ -46,6 +46,7 @@ from segmenter.data.splits import make_splits, resolve_dataset
 from segmenter.errors import InputError
 from segmenter.evaluation import report
 from segmenter.inference.predictor import build_from_plan
+from segmenter.locking import FolderLock
 from segmenter.nn.checkpoint import load_checkpoint, save_checkpoint
 from segmenter.nn.losses import build_loss
 from segmenter.nn.runtime import autocast, autocast_dtype, resolve_device
@@ -377,18 +378,18 @@ def fit(
     if not resume and last_path.exists():
         raise InputError(f"{run}: already holds a trained run (use --resume or another --out)")
     dataset = _training_dataset(cfg, fold)
-    run.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    pkg_log = logging.getLogger("segmenter")
-    pkg_log.addHandler(handler)
-    try:
-        session = _set_up(cfg, dataset, run, fold=fold, progress=progress)
-        state = _restore(session) if resume else TrainState()
-        return _train(session, state, progress=progress, should_stop=should_stop)
-    finally:
-        pkg_log.removeHandler(handler)
-        handler.close()
+    with FolderLock(run, "train"):
+        handler = logging.FileHandler(run / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        pkg_log = logging.getLogger("segmenter")
+        pkg_log.addHandler(handler)
+        try:
+            session = _set_up(cfg, dataset, run, fold=fold, progress=progress)
+            state = _restore(session) if resume else TrainState()
+            return _train(session, state, progress=progress, should_stop=should_stop)
+        finally:
+            pkg_log.removeHandler(handler)
+            handler.close()
 
 
 def _train(

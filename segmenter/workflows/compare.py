@@ -34,6 +34,7 @@ from segmenter.config import Config, ConfigError, apply_values, read_yaml, save_
 from segmenter.data.layout import Case, Dataset
 from segmenter.errors import InputError
 from segmenter.evaluation.report import nan_mean, summary_json
+from segmenter.locking import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def _summary_path(folder: Path) -> Path:
 
 
 def run_variant(
-    base: Config, variant: Variant, out: Path, minutes: float | None, progress: bool
+    base: Config, variant: Variant, out: Path, *, minutes: float | None, progress: bool
 ) -> VariantResult:
     """Train, predict and evaluate one variant (or load its finished result)."""
     folder = out / "variants" / variant.name
@@ -323,17 +324,18 @@ def compare(
         One result per variant, in the order given.
     """
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_config(base, folder / "base_config.yaml")
     iterable: Iterable[Variant] = variants
     if variant_progress is not None:
         iterable = variant_progress(variants, len(variants))
-    results = []
-    start = time.perf_counter()
-    for variant in iterable:
-        results.append(run_variant(base, variant, folder, minutes, progress))
-    rows = comparison_rows(results)
-    write_text(folder / "comparison.csv", _csv_text(rows))
-    write_plots(results, rows, folder)
+    with FolderLock(folder, "compare"):
+        save_config(base, folder / "base_config.yaml")
+        start = time.perf_counter()
+        results = [
+            run_variant(base, variant, folder, minutes=minutes, progress=progress)
+            for variant in iterable
+        ]
+        rows = comparison_rows(results)
+        write_text(folder / "comparison.csv", _csv_text(rows))
+        write_plots(results, rows, folder)
     log.info("compared %d variants in %.1f min", len(results), (time.perf_counter() - start) / 60)
     return results

@@ -41,6 +41,7 @@ from segmenter.evaluation.report import summary_json
 from segmenter.inference.predict import PredictOptions, predict_probability
 from segmenter.inference.predictor import POSTPROCESSING_FILE, Predictor, load_predictor
 from segmenter.io import Image, read_image, write_like
+from segmenter.locking import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,22 @@ def run_crossval(
         InputError: a fold number outside the split, or bad data (as ``train``).
     """
     chosen = _chosen_folds(cfg, folds)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "crossval"):
+        return _run_crossval(
+            cfg, Path(out), chosen, progress=progress, thresholds=thresholds,
+            min_sizes_mm3=min_sizes_mm3,
+        )  # fmt: skip
+
+
+def _run_crossval(
+    cfg: Config,
+    folder: Path,
+    chosen: list[int],
+    *,
+    progress: bool,
+    thresholds: Sequence[float],
+    min_sizes_mm3: Sequence[float] | None,
+) -> CrossvalResult:
     save_config(cfg, folder / "config.yaml")
     trained = _train_folds(cfg, folder, chosen, progress)
     oof = predict_out_of_fold(cfg, folder, chosen)
