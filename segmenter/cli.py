@@ -1,13 +1,15 @@
 """Command-line interface: ``segmenter <command> ...``.
 
 The only module that reads argv, sets up logging and picks exit codes: 0 ok, 2 bad input or
-usage, 1 internal error. Sub-commands import their modules lazily so that ``segmenter evaluate``
+usage, 1 internal error or a system failure (a full disk, a read-only folder: one line, no
+traceback), 130 interrupted. Sub-commands import their modules lazily so that ``segmenter evaluate``
 and ``segmenter verify`` start without importing torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
@@ -414,8 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: System failures reported in one line (exit 1) instead of a traceback, and what to do.
+_SYSTEM_ERRNOS = {
+    errno.ENOSPC: "free some space and rerun (outputs are written atomically: none was cut short)",
+    errno.EDQUOT: "the disk quota is full: free some space and rerun (no output was cut short)",
+    errno.EROFS: "the file system is read-only: choose another output folder",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 bad input or usage, 1 internal error)."""
+    """Run the CLI; returns the exit code (0 ok, 2 bad input or usage, 1 internal error or a
+    system failure such as a full disk, 130 interrupted)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -434,6 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in _SYSTEM_ERRNOS:
+            log.exception("internal error (please report with the command line above)")
+            return 1
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror}; {_SYSTEM_ERRNOS[exc.errno]}", file=sys.stderr)
+        return 1
     except Exception:
         log.exception("internal error (please report with the command line above)")
         return 1

@@ -134,3 +134,32 @@ def test_evaluate_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_full_disk_is_one_line_exit_1_and_the_previous_file_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import errno
+    import os
+
+    from segmenter import atomic
+    from segmenter.data.synthetic import PhantomSpec, write_dataset
+
+    ds = write_dataset(tmp_path / "ds", 2, seed=0, spec=PhantomSpec(size=32))
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "summary.json").write_text("previous")
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(atomic.os, "replace", full)
+    argv = ["evaluate", "--pred", str(ds / "labelsTr"), "--ref", str(ds / "labelsTr"),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "No space left on device; free some space and rerun" in lines[0]
+    assert "Traceback" not in err
+    assert (out / "summary.json").read_text() == "previous"
+    assert sorted(os.listdir(out)) == ["summary.json"]  # no temporary file left behind
