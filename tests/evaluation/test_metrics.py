@@ -21,7 +21,7 @@ from segmenter.data.synthetic import perturb_mask
 from segmenter.evaluation import metrics
 from segmenter.evaluation.lesions import PRESETS, LesionRule
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 MASKS = DATA / "MSLesjak_masks_only"
 ONE = (1.0, 1.0, 1.0)
 
@@ -386,7 +386,7 @@ def test_empty_policy_is_serialisable():
 
 def test_metrics_module_imports_no_torch():
     code = "import sys, segmenter.evaluation.metrics; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 # ---------------------------------------------------------------- oracles on random masks

@@ -1,3 +1,6 @@
+"""Tests for segmenter.preprocessing.case: one case read and checked, cropped, resampled and
+reoriented, and put back on its own grid."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,18 +18,8 @@ from segmenter.preprocessing.case import (
     read_case,
     resample_hook,
 )
-from segmenter.preprocessing.geometry import CropBox, crop, nonzero_bbox, uncrop
-from segmenter.preprocessing.normalisation import normalise
-from segmenter.preprocessing.pipeline import preprocess_dataset
+from segmenter.preprocessing.geometry import CropBox
 from segmenter.preprocessing.spec import PreprocessingSpec
-
-
-def block_images() -> np.ndarray:
-    """(2, 10, 12, 14): channel 0 nonzero in one block, channel 1 in another."""
-    images = np.zeros((2, 10, 12, 14), dtype=np.float32)
-    images[0, 2:5, 3:7, 4:6] = np.arange(3 * 4 * 2).reshape(3, 4, 2) + 1.0
-    images[1, 4:8, 5:6, 1:3] = 7.0
-    return images
 
 
 @pytest.fixture(scope="module")
@@ -45,70 +38,6 @@ def copy_dataset(dataset: data.Dataset, tmp_path: Path) -> data.Case:
     lab = read_image(case.label)
     label = write_image(tmp_path / case.label.name, lab.array, lab.affine)
     return data.Case(case.case_id, tuple(images), label)
-
-
-def test_nonzero_bbox_is_union_of_channels() -> None:
-    box = nonzero_bbox(block_images())
-    assert box == CropBox((2, 3, 1), (8, 7, 6), (10, 12, 14))
-    assert box.size == (6, 4, 5)
-
-
-def test_nonzero_bbox_of_empty_volume_is_whole() -> None:
-    box = nonzero_bbox(np.zeros((1, 4, 5, 6)))
-    assert box == CropBox.whole((4, 5, 6))
-
-
-def test_crop_uncrop_round_trip() -> None:
-    images = block_images()
-    box = nonzero_bbox(images)
-    cropped = crop(images, box)
-    assert cropped.shape == (2, *box.size)
-    np.testing.assert_array_equal(uncrop(cropped, box), images)
-    label = (images[0] > 3).astype(np.uint8)
-    np.testing.assert_array_equal(uncrop(crop(label, box), box), label)
-    assert uncrop(crop(label, box), box, fill=9)[0, 0, 0] == 9
-
-
-def test_cropbox_rejects_box_outside_volume() -> None:
-    with pytest.raises(ValueError, match="does not fit"):
-        CropBox((0, 0, 0), (5, 5, 9), (5, 5, 8))
-
-
-def test_zscore_inside_mask() -> None:
-    rng = np.random.default_rng(0)
-    images = np.zeros((2, 12, 12, 12), dtype=np.float32)
-    images[:, 3:9, 2:10, 4:8] = rng.normal(50.0, 7.0, size=(2, 6, 8, 4))
-    images[1, 10, 10, 10] = 3.0  # only channel 1: still inside the union mask
-    out, stats = normalise(images)
-    mask = (images != 0).any(axis=0)
-    assert out.dtype == np.float32
-    assert stats.mask_voxels == int(mask.sum())
-    for c in range(2):
-        inside = out[c][mask].astype(np.float64)
-        assert abs(inside.mean()) < 1e-5
-        assert abs(inside.std() - 1.0) < 1e-5
-        assert stats.mean[c] == pytest.approx(images[c][mask].mean(dtype=np.float64), rel=1e-6)
-    assert not out[:, ~mask].any()
-
-
-def test_zscore_constant_channel_and_empty_case() -> None:
-    images = np.zeros((2, 6, 6, 6), dtype=np.float32)
-    images[:, 1:4, 1:4, 1:4] = 5.0
-    out, stats = normalise(images)
-    assert np.isfinite(out).all() and not out.any()
-    assert stats.std == (1.0, 1.0)
-    out, stats = normalise(np.zeros((1, 4, 4, 4), dtype=np.float32))
-    assert np.isfinite(out).all() and stats.mask_voxels == 64
-
-
-def test_zscore_fills_holes_of_the_mask() -> None:
-    images = np.zeros((1, 9, 9, 9), dtype=np.float32)
-    images[0, 2:7, 2:7, 2:7] = 4.0
-    images[0, 4, 4, 4] = 0.0  # a hole: inside the mask, normalised like its neighbours
-    images[0, 2, 2, 2] = 30.0
-    out, stats = normalise(images)
-    assert stats.mask_voxels == 125
-    assert out[0, 4, 4, 4] < out[0, 3, 3, 3] < 0 < out[0, 2, 2, 2]
 
 
 def test_preprocess_case_on_phantom(phantom_dataset: data.Dataset, tmp_path: Path) -> None:
@@ -140,15 +69,6 @@ def test_preprocess_case_without_crop(phantom_dataset: data.Dataset) -> None:
     pre = preprocess_case(phantom_dataset.training[1], PreprocessingSpec(crop_to_nonzero=False))
     assert pre.box == CropBox.whole((32, 32, 32))
     assert pre.image.shape == (2, 32, 32, 32)
-
-
-def test_preprocess_dataset_keeps_order(phantom_dataset: data.Dataset) -> None:
-    cases = phantom_dataset.training
-    threaded = preprocess_dataset(cases, workers=2)
-    serial = preprocess_dataset(cases, workers=1)
-    assert [p.case_id for p in threaded] == [c.case_id for c in cases]
-    for a, b in zip(threaded, serial, strict=True):
-        np.testing.assert_array_equal(a.image, b.image)
 
 
 def test_read_case_returns_images_and_checked_label(phantom_dataset: data.Dataset) -> None:
@@ -283,43 +203,3 @@ def test_cases_are_reoriented_to_ras_and_restored(codes: tuple[str, str, str]) -
         ijk = np.linalg.solve(affine, world)[:3]
         np.testing.assert_allclose(ijk, np.round(ijk), atol=1e-9)
         assert pre.label[idx] == label[tuple(np.round(ijk).astype(int))]
-
-
-def test_clipping_keeps_intensity_spikes_from_dominating_the_z_score() -> None:
-    from segmenter.preprocessing.normalisation import normalise
-
-    rng = np.random.default_rng(0)
-    image = rng.normal(500.0, 100.0, (1, 30, 30, 30)).astype(np.float32)
-    image[0, 5, 5, 5] = 32767.0  # a saturated voxel, as in BraTS
-    image[0, 6, 5, 5] = 32767.0
-    plain, stats = normalise(image)
-    clipped, clipped_stats = normalise(image, (0.5, 99.5))
-    assert plain[0, 5, 5, 5] > 100  # hundreds of standard deviations out
-    assert clipped[0, 5, 5, 5] < 4 and clipped.max() < 4
-    assert stats.std[0] > 200  # two voxels out of 27000 triple the standard deviation
-    assert 90 < clipped_stats.std[0] < 110
-    inside = clipped[0, 10:20, 10:20, 10:20]
-    assert abs(float(inside.mean())) < 0.1 and abs(float(inside.std()) - 1.0) < 0.1
-
-
-def test_ct_channels_use_the_dataset_statistics_over_the_whole_volume() -> None:
-    from segmenter.config import ChannelNormalization
-    from segmenter.errors import InputError
-    from segmenter.preprocessing.normalisation import normalise
-
-    rng = np.random.default_rng(1)
-    images = np.zeros((2, 10, 10, 10), dtype=np.float32)
-    images[0] = -1000.0  # air in Hounsfield units
-    images[0, 2:8, 2:8, 2:8] = rng.normal(40.0, 20.0, (6, 6, 6))
-    images[0, 5, 5, 5] = 3000.0  # metal: clipped
-    images[1, 2:8, 2:8, 2:8] = rng.normal(300.0, 30.0, (6, 6, 6))
-    ct = ChannelNormalization(scheme="ct_clip_zscore", clip=(-900.0, 1500.0), mean=50.0, std=250.0)
-    out, stats = normalise(images, (0.5, 99.5), (ct, ChannelNormalization()))
-    expected = (np.clip(images[0], -900.0, 1500.0) - 50.0) / 250.0
-    np.testing.assert_allclose(out[0], expected, rtol=1e-6)
-    assert out[0, 0, 0, 0] == pytest.approx(-3.8)  # air is not zeroed: the same value in any scan
-    assert stats.mean[0] == 50.0 and stats.std[0] == 250.0
-    mri, _ = normalise(images[1:], (0.5, 99.5))
-    np.testing.assert_array_equal(out[1], mri[0])  # the MRI channel is z-scored as before
-    with pytest.raises(InputError, match="2 channel"):
-        normalise(images, None, (ct,))

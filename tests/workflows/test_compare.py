@@ -12,7 +12,7 @@ from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.errors import InputError
 from segmenter.workflows.compare import load_variants
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 TINY = """\
 data:

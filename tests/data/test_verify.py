@@ -2,7 +2,7 @@
 
 Each problem ``verify_dataset`` names (see its module docstring) has a failure-path test on a
 tiny dataset broken in one place; the layout problems it shares with ``load_dataset`` are
-checked in ``test_data.py``.
+checked in ``test_layout.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from segmenter.data.layout import load_dataset
 from segmenter.data.verify import ORIGIN_ATOL_MM, SPACING_RTOL, verify_dataset
 from segmenter.errors import InputError
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from monai.networks.nets import DynUNet
@@ -10,7 +9,6 @@ from torch import nn
 
 from segmenter.config import ConfigError, ModelConfig
 from segmenter.nn.network import ResidualBlock, build_model, count_parameters
-from segmenter.planning.topology import plan_topology, required_divisor
 
 TINY = ModelConfig(depth=4, base_filters=4, max_filters=16)
 
@@ -54,24 +52,6 @@ def test_channels_in_and_out(c_in: int, c_out: int) -> None:
     with torch.no_grad():
         y = model(torch.randn(1, c_in, 16, 12, 20))
     assert y.shape == (1, c_out, 16, 12, 20)
-
-
-def test_required_divisor_is_product_of_strides() -> None:
-    assert required_divisor(ModelConfig()) == (8, 8, 8)
-    assert required_divisor(_tiny(depth=2)) == (2, 2, 2)
-    assert required_divisor(_tiny(depth=6)) == (32, 32, 32)
-    topo = plan_topology(ModelConfig())
-    assert topo.strides == ((1, 1, 1),) + ((2, 2, 2),) * 3
-    assert topo.kernels == ((3, 3, 3),) * 4
-    assert topo.filters == (8, 16, 32, 64)
-    assert plan_topology(_tiny(depth=5)).filters == (4, 8, 16, 16, 16)  # capped at max_filters
-
-
-def test_convs_per_level_repeat_the_last_entry() -> None:
-    topo = plan_topology(ModelConfig())
-    assert topo.encoder_convs == (1, 2, 2, 2) and topo.decoder_convs == (1, 1, 1)
-    topo = plan_topology(_tiny(depth=5, encoder_convs=(1, 2, 3), decoder_convs=(2, 1)))
-    assert topo.encoder_convs == (1, 2, 3, 3, 3) and topo.decoder_convs == (2, 1, 1, 1)
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -138,22 +118,6 @@ def test_residual_option_uses_residual_blocks() -> None:
 def test_other_norms(norm: str) -> None:
     model = build_model(_tiny(norm=norm, base_filters=6), 1, 1).train()
     assert model(torch.randn(2, 1, 16, 16, 16)).shape == (2, 1, 16, 16, 16)
-
-
-def test_anisotropic_spacing_sets_per_axis_strides_and_kernels() -> None:
-    # Z is 6x coarser: held (stride 1, kernel 1) until X/Y catch up (0.5 -> 1 -> 2 -> 4 mm).
-    topo = plan_topology(ModelConfig(), spacing=(0.5, 0.5, 3.0))
-    assert topo.strides == ((1, 1, 1), (2, 2, 1), (2, 2, 1), (2, 2, 2))
-    assert topo.kernels == ((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3))
-    assert required_divisor(ModelConfig(), spacing=(0.5, 0.5, 3.0)) == (8, 8, 2)
-    # Isotropic spacing is the same as no spacing; the rule follows the axis order.
-    assert plan_topology(ModelConfig(), spacing=(1.2, 1.2, 1.2)) == plan_topology(ModelConfig())
-    assert plan_topology(ModelConfig(), spacing=(4.0, 1.0, 1.0)).strides[1] == (1, 2, 2)
-    assert plan_topology(ModelConfig(), spacing=np.array([0.5, 0.5, 3.0])) == topo
-    # A short patch axis stops halving at the minimum feature-map size (4 voxels).
-    topo = plan_topology(ModelConfig(depth=5), spacing=(1.0, 1.0, 1.0), patch_size=(64, 64, 16))
-    assert topo.strides == ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 1), (2, 2, 1))
-    assert topo.divisor == (16, 16, 4)
 
 
 def test_anisotropic_model_has_those_kernels_and_keeps_shape() -> None:

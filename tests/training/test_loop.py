@@ -9,11 +9,9 @@ import torch
 
 from segmenter.cli import main
 from segmenter.config import load_config
-from segmenter.data.splits import make_splits
 from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.io import read_image, write_image
 from segmenter.training.loop import fit
-from segmenter.training.schedule import lr_factor
 
 TINY = """\
 data:
@@ -226,64 +224,6 @@ def test_unknown_config_key_exit_2(
     assert main(argv) == 2
     assert "unknown config key 'train.epocs'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-
-
-def test_splits_are_stratified_by_lesion_burden() -> None:
-    ids = [f"c{i}" for i in range(10)]
-    burdens = [0.0, 0.0, 0.001, 0.002, 0.003, 0.004, 0.01, 0.02, 0.03, 0.0]
-    splits = make_splits(ids, burdens, 3, seed=0)
-    vals = [set(s["val"]) for s in splits]
-    assert set().union(*vals) == set(ids) and sum(len(v) for v in vals) == 10
-    for s in splits:
-        assert not set(s["train"]) & set(s["val"])
-    free = {"c0", "c1", "c9"}
-    assert all(len(v & free) == 1 for v in vals)  # lesion-free cases spread over the folds
-    assert make_splits(ids, burdens, 3, seed=0) == splits
-    with pytest.raises(Exception, match="fewer than train.n_folds"):
-        make_splits(ids[:2], burdens[:2], 3, seed=0)
-
-
-def test_learning_rate_schedules() -> None:
-    poly = load_config(None, [])
-    assert lr_factor(poly.train, 0.0, 0, 0) == 1.0
-    assert lr_factor(poly.train, 0.5, 50, 0) == pytest.approx(0.5**0.9)
-    assert lr_factor(poly.train, 1.0, 100, 0) == 0.0
-    cosine = load_config(None, ["train.scheduler=cosine"])
-    assert lr_factor(cosine.train, 0.5, 50, 0) == pytest.approx(0.5)
-    assert lr_factor(poly.train, 0.0, 4, 10) == pytest.approx(0.5)  # warm-up: step 5 of 10
-
-
-def test_threshold_tuning_picks_the_best_lesion_f1() -> None:
-    from segmenter.training.validation import tune_threshold
-
-    ref = np.zeros((16, 16, 16), np.uint8)
-    ref[2:5, 2:5, 2:5] = 1  # found at any threshold below 0.8
-    ref[10:12, 10:12, 10:12] = 1  # faint: only found below 0.3
-    prob = np.zeros(ref.shape, np.float32)
-    prob[2:5, 2:5, 2:5] = 0.8
-    prob[10:12, 10:12, 10:12] = 0.3
-    prob[14, 1, 14] = 0.2  # a false positive below 0.25
-    cfg = load_config(None, [])
-    threshold, rows = tune_threshold([prob], [ref], [(1.0, 1.0, 1.0)], cfg)
-    assert threshold == 0.25 or threshold == 0.3  # both lesions, no false positive
-    best = next(r for r in rows if r["threshold"] == threshold)
-    assert best["f1"] == 1.0 and best["recall"] == 1.0
-    assert next(r for r in rows if r["threshold"] == 0.5)["recall"] == 0.5
-    assert next(r for r in rows if r["threshold"] == 0.1)["precision"] < 1.0
-
-
-def test_threshold_tuning_does_not_reward_one_blob_over_every_lesion() -> None:
-    from segmenter.training.validation import tune_threshold
-
-    ref = np.zeros((20, 20, 20), np.uint8)
-    ref[2:4, 2:4, 2:4] = ref[12:14, 12:14, 12:14] = 1
-    prob = np.full(ref.shape, 0.2, np.float32)  # low everywhere: at 0.1 one blob covers all
-    prob[2:4, 2:4, 2:4] = prob[12:14, 12:14, 12:14] = 0.9
-    prob[12, 12, 12] = 0.6
-    threshold, rows = tune_threshold([prob], [ref], [(1.0, 1.0, 1.0)], load_config(None, []))
-    blob = next(r for r in rows if r["threshold"] == 0.1)
-    assert blob["f1"] == 1.0 and blob["dice"] < 0.01  # lesion F1 alone would take the blob
-    assert threshold > 0.2
 
 
 def test_tuned_threshold_is_stored_in_the_run(trained_run: Path) -> None:
