@@ -7,29 +7,27 @@ import numpy as np
 from segmenter.config import ModelConfig
 from segmenter.planning.topology import plan_topology, required_divisor
 
-TINY = ModelConfig(depth=4, base_filters=4, max_filters=16)
 
-
-def _tiny(**changes: object) -> ModelConfig:
-    fields = {**TINY.__dict__, **changes}
-    return ModelConfig(**fields)  # type: ignore[arg-type]
+def small(depth: int, **changes: object) -> ModelConfig:
+    """A network config with 4 to 16 filters."""
+    return ModelConfig(depth=depth, base_filters=4, max_filters=16, **changes)  # type: ignore[arg-type]
 
 
 def test_required_divisor_is_product_of_strides() -> None:
     assert required_divisor(ModelConfig()) == (8, 8, 8)
-    assert required_divisor(_tiny(depth=2)) == (2, 2, 2)
-    assert required_divisor(_tiny(depth=6)) == (32, 32, 32)
+    assert required_divisor(small(2)) == (2, 2, 2)
+    assert required_divisor(small(6)) == (32, 32, 32)
     topo = plan_topology(ModelConfig())
     assert topo.strides == ((1, 1, 1),) + ((2, 2, 2),) * 3
     assert topo.kernels == ((3, 3, 3),) * 4
     assert topo.filters == (8, 16, 32, 64)
-    assert plan_topology(_tiny(depth=5)).filters == (4, 8, 16, 16, 16)  # capped at max_filters
+    assert plan_topology(small(5)).filters == (4, 8, 16, 16, 16)  # capped at max_filters
 
 
 def test_convs_per_level_repeat_the_last_entry() -> None:
     topo = plan_topology(ModelConfig())
     assert topo.encoder_convs == (1, 2, 2, 2) and topo.decoder_convs == (1, 1, 1)
-    topo = plan_topology(_tiny(depth=5, encoder_convs=(1, 2, 3), decoder_convs=(2, 1)))
+    topo = plan_topology(small(5, encoder_convs=(1, 2, 3), decoder_convs=(2, 1)))
     assert topo.encoder_convs == (1, 2, 3, 3, 3) and topo.decoder_convs == (2, 1, 1, 1)
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from segmenter.data import layout as data
-from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.errors import InputError
 from segmenter.io import read_image, write_image
 from segmenter.preprocessing.case import (
@@ -22,15 +21,9 @@ from segmenter.preprocessing.geometry import CropBox
 from segmenter.preprocessing.spec import PreprocessingSpec
 
 
-@pytest.fixture(scope="module")
-def phantom_dataset(tmp_path_factory: pytest.TempPathFactory) -> data.Dataset:
-    root = write_dataset(tmp_path_factory.mktemp("ds"), 3, seed=0, spec=PhantomSpec(size=32))
-    return data.load_dataset(root)
-
-
-def copy_dataset(dataset: data.Dataset, tmp_path: Path) -> data.Case:
-    """Case 0 copied into ``tmp_path`` (so a test can damage its files)."""
-    case = dataset.training[0]
+def copy_case(phantoms: Path, tmp_path: Path) -> data.Case:
+    """Case 0 of the shared phantoms copied into ``tmp_path`` (so a test can damage its files)."""
+    case = data.load_dataset(phantoms).training[0]
     images = []
     for path in case.images:
         img = read_image(path)
@@ -40,8 +33,8 @@ def copy_dataset(dataset: data.Dataset, tmp_path: Path) -> data.Case:
     return data.Case(case.case_id, tuple(images), label)
 
 
-def test_preprocess_case_on_phantom(phantom_dataset: data.Dataset, tmp_path: Path) -> None:
-    case = copy_dataset(phantom_dataset, tmp_path)
+def test_preprocess_case_on_phantom(phantoms: Path, tmp_path: Path) -> None:
+    case = copy_case(phantoms, tmp_path)
     for path in case.images:  # air outside the head: zero a border of a few voxels
         img = read_image(path)
         array = np.zeros_like(img.array)
@@ -65,14 +58,15 @@ def test_preprocess_case_on_phantom(phantom_dataset: data.Dataset, tmp_path: Pat
     assert not restored[:, ~inside].any()
 
 
-def test_preprocess_case_without_crop(phantom_dataset: data.Dataset) -> None:
-    pre = preprocess_case(phantom_dataset.training[1], PreprocessingSpec(crop_to_nonzero=False))
+def test_preprocess_case_without_crop(phantoms: Path) -> None:
+    case = data.load_dataset(phantoms).training[1]
+    pre = preprocess_case(case, PreprocessingSpec(crop_to_nonzero=False))
     assert pre.box == CropBox.whole((32, 32, 32))
     assert pre.image.shape == (2, 32, 32, 32)
 
 
-def test_read_case_returns_images_and_checked_label(phantom_dataset: data.Dataset) -> None:
-    case = phantom_dataset.training[0]
+def test_read_case_returns_images_and_checked_label(phantoms: Path) -> None:
+    case = data.load_dataset(phantoms).training[0]
     images, label = read_case(case)
     assert len(images) == 2 and images[0].array.dtype == np.float32
     assert label is not None and label.dtype == np.uint8 and label.shape == (32, 32, 32)
@@ -80,24 +74,22 @@ def test_read_case_returns_images_and_checked_label(phantom_dataset: data.Datase
     assert label is None and images[1].path == case.images[1]
 
 
-def test_channel_shape_mismatch_names_the_file(
-    phantom_dataset: data.Dataset, tmp_path: Path
-) -> None:
-    case = copy_dataset(phantom_dataset, tmp_path)
+def test_channel_shape_mismatch_names_the_file(phantoms: Path, tmp_path: Path) -> None:
+    case = copy_case(phantoms, tmp_path)
     write_image(case.images[1], np.ones((32, 32, 30), dtype=np.float32), np.eye(4))
     with pytest.raises(InputError, match=rf"{case.images[1].name}: shape 32x32x30 differs"):
         preprocess_case(case)
 
 
-def test_label_shape_mismatch_names_the_file(phantom_dataset: data.Dataset, tmp_path: Path) -> None:
-    case = copy_dataset(phantom_dataset, tmp_path)
+def test_label_shape_mismatch_names_the_file(phantoms: Path, tmp_path: Path) -> None:
+    case = copy_case(phantoms, tmp_path)
     write_image(case.label, np.zeros((31, 32, 32), dtype=np.uint8), np.eye(4))
     with pytest.raises(InputError, match=rf"{case.label.name}: label shape 31x32x32"):
         preprocess_case(case)
 
 
-def test_nan_voxels_name_the_file(phantom_dataset: data.Dataset, tmp_path: Path) -> None:
-    case = copy_dataset(phantom_dataset, tmp_path)
+def test_nan_voxels_name_the_file(phantoms: Path, tmp_path: Path) -> None:
+    case = copy_case(phantoms, tmp_path)
     img = read_image(case.images[0], dtype=np.float32)
     array = img.array.copy()
     array[3, 4, 5] = np.nan
