@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from segmenter.data.splits import make_splits
+from segmenter.errors import InputError
 
 
 def test_splits_are_stratified_by_lesion_burden() -> None:
@@ -18,5 +19,5 @@ def test_splits_are_stratified_by_lesion_burden() -> None:
     free = {"c0", "c1", "c9"}
     assert all(len(v & free) == 1 for v in vals)  # lesion-free cases spread over the folds
     assert make_splits(ids, burdens, 3, seed=0) == splits
-    with pytest.raises(Exception, match="fewer than train.n_folds"):
+    with pytest.raises(InputError, match="fewer than train.n_folds"):
         make_splits(ids[:2], burdens[:2], 3, seed=0)

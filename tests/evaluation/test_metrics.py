@@ -7,6 +7,7 @@ masks). The rule table and the matching engine alone: ``test_lesions.py``.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from scipy import ndimage
 from segmenter.data.synthetic import perturb_mask
 from segmenter.evaluation import metrics
 from segmenter.evaluation.lesions import PRESETS, LesionRule
+from segmenter.io import read_image
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 MASKS = DATA / "MSLesjak_masks_only"
@@ -379,8 +381,6 @@ def test_bad_inputs_raise():
 
 
 def test_empty_policy_is_serialisable():
-    import json
-
     assert json.loads(json.dumps(metrics.EMPTY_POLICY)) == metrics.EMPTY_POLICY
 
 
@@ -485,8 +485,6 @@ def test_panoptica_preset_matches_panoptica_on_real_masks():
     if not MASKS.is_dir():
         pytest.skip(f"{MASKS} not found")
     panoptica = pytest.importorskip("panoptica")
-    from segmenter.io import read_image
-
     panoptica.disable_citation_reminder()
     evaluator = panoptica.Panoptica_Evaluator(
         expected_input=panoptica.InputType.SEMANTIC,

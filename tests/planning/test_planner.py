@@ -16,8 +16,17 @@ from segmenter.cli import main
 from segmenter.config import load_config
 from segmenter.data.layout import load_dataset
 from segmenter.data.synthetic import PhantomSpec, write_dataset
+from segmenter.errors import InputError
 from segmenter.planning.fingerprint import dataset_fingerprint
-from segmenter.planning.planner import make_dataset_plan, normalisation, patch_and_depth
+from segmenter.planning.planner import (
+    make_dataset_plan,
+    normalisation,
+    patch_and_depth,
+    read_dataset_plan,
+)
+from segmenter.planning.run_plan import RunPlan
+from segmenter.preprocessing.case import preprocess_case
+from segmenter.preprocessing.spec import PreprocessingSpec
 
 #: The tiny config's changes for the plan-following runs: one step, no mirroring.
 ONE_STEP = {"train.iterations_per_epoch": 1, "inference.tta": False}
@@ -123,10 +132,6 @@ def _ct_dataset(root: Path) -> Path:
 def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
     tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
-    from segmenter.planning.run_plan import RunPlan
-    from segmenter.preprocessing.case import preprocess_case
-    from segmenter.preprocessing.spec import PreprocessingSpec
-
     ds = _ct_dataset(tmp_path / "ct")
     out = tmp_path / "p"
     assert main(["plan", str(ds), "--out", str(out), "--set", "plan.cpu_patch_voxels=16384"]) == 0
@@ -158,9 +163,6 @@ def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
 
 
 def test_a_bad_plan_file_is_refused_with_one_line(tmp_path: Path) -> None:
-    from segmenter.errors import InputError
-    from segmenter.planning.planner import read_dataset_plan
-
     path = tmp_path / "plan.json"
     path.write_text("{}")
     with pytest.raises(InputError, match="not a plan.json"):

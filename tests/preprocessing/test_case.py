@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -122,8 +123,6 @@ def test_resample_hook_keeps_own_spacing_and_resamples_to_another() -> None:
 
 
 def test_resampled_case_restores_probabilities_to_the_original_grid() -> None:
-    from segmenter.preprocessing.case import preprocess_arrays
-
     rng = np.random.default_rng(0)
     image = np.zeros((30, 28, 12), np.float32)
     image[4:26, 3:25, 1:11] = rng.random((22, 22, 10)) + 1.0
@@ -145,8 +144,6 @@ def test_resampled_case_restores_probabilities_to_the_original_grid() -> None:
 
 
 def test_crop_affine_maps_cropped_voxels_to_the_same_world_points() -> None:
-    from segmenter.preprocessing.case import preprocess_arrays
-
     affine = np.array([[0.0, -2.0, 0, 10], [1.5, 0, 0, -5], [0, 0, 3.0, 7], [0, 0, 0, 1]])
     img = np.zeros((10, 12, 8), np.float32)
     img[3:7, 2:9, 1:5] = 5.0
@@ -174,10 +171,6 @@ def _axcode_affine(codes: tuple[str, str, str], spacing: tuple[float, float, flo
     "codes", [("L", "P", "S"), ("P", "I", "R"), ("A", "S", "L"), ("R", "A", "S")]
 )
 def test_cases_are_reoriented_to_ras_and_restored(codes: tuple[str, str, str]) -> None:
-    import nibabel as nib
-
-    from segmenter.preprocessing.case import preprocess_arrays
-
     spacing = (0.9, 1.1, 2.5)
     affine = _axcode_affine(codes, spacing)
     assert nib.aff2axcodes(affine) == codes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from segmenter.config import ChannelNormalization
 from segmenter.errors import InputError
 from segmenter.preprocessing.normalisation import normalise
 
@@ -48,8 +49,6 @@ def test_zscore_fills_holes_of_the_mask() -> None:
 
 
 def test_clipping_keeps_intensity_spikes_from_dominating_the_z_score() -> None:
-    from segmenter.preprocessing.normalisation import normalise
-
     rng = np.random.default_rng(0)
     image = rng.normal(500.0, 100.0, (1, 30, 30, 30)).astype(np.float32)
     image[0, 5, 5, 5] = 32767.0  # a saturated voxel, as in BraTS
@@ -65,9 +64,6 @@ def test_clipping_keeps_intensity_spikes_from_dominating_the_z_score() -> None:
 
 
 def test_ct_channels_use_the_dataset_statistics_over_the_whole_volume() -> None:
-    from segmenter.config import ChannelNormalization
-    from segmenter.preprocessing.normalisation import normalise
-
     rng = np.random.default_rng(1)
     images = np.zeros((2, 10, 10, 10), dtype=np.float32)
     images[0] = -1000.0  # air in Hounsfield units

@@ -13,6 +13,7 @@ import torch
 
 from segmenter.cli import main
 from segmenter.config import load_config
+from segmenter.errors import InputError
 from segmenter.io import read_image, write_image
 from segmenter.training.loop import fit
 
@@ -73,7 +74,7 @@ def test_resume_needs_a_run_and_a_fresh_run_needs_an_empty_folder(
     assert main(["train", "--resume", "--out", str(tmp_path / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
     run = shutil.copytree(trained_run, tmp_path / "run")
-    with pytest.raises(Exception, match="already holds a trained run"):
+    with pytest.raises(InputError, match="already holds a trained run"):
         fit(load_config(run / "config.yaml"), run, progress=False)
 
 
