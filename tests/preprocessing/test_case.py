@@ -3,6 +3,7 @@ reoriented, and put back on its own grid."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -156,23 +157,14 @@ def test_crop_affine_maps_cropped_voxels_to_the_same_world_points() -> None:
     np.testing.assert_allclose(world_cropped, world_original)
 
 
-def _axcode_affine(codes: tuple[str, str, str], spacing: tuple[float, float, float]) -> np.ndarray:
-    """Voxel-to-world matrix whose array axes point along ``codes`` (e.g. L, P, S)."""
-    direction = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
-    affine = np.zeros((4, 4))
-    for i, (code, size) in enumerate(zip(codes, spacing, strict=True)):
-        axis, sign = direction[code]
-        affine[axis, i] = sign * size
-    affine[:, 3] = (5.0, -3.0, 2.0, 1.0)
-    return affine
-
-
 @pytest.mark.parametrize(
     "codes", [("L", "P", "S"), ("P", "I", "R"), ("A", "S", "L"), ("R", "A", "S")]
 )
-def test_cases_are_reoriented_to_ras_and_restored(codes: tuple[str, str, str]) -> None:
+def test_cases_are_reoriented_to_ras_and_restored(
+    codes: tuple[str, str, str], axcode_affine: Callable[..., np.ndarray]
+) -> None:
     spacing = (0.9, 1.1, 2.5)
-    affine = _axcode_affine(codes, spacing)
+    affine = axcode_affine(codes, spacing)
     assert nib.aff2axcodes(affine) == codes
     rng = np.random.default_rng(0)
     img = np.zeros((9, 11, 7), np.float32)

@@ -8,7 +8,20 @@ import pytest
 
 from segmenter.config import ChannelNormalization
 from segmenter.errors import InputError
-from segmenter.preprocessing.normalisation import normalise
+from segmenter.preprocessing.normalisation import nonzero_mask, normalise
+
+
+def test_nonzero_mask_is_the_union_of_channels_with_holes_filled() -> None:
+    images = np.zeros((2, 7, 7, 7), np.float32)
+    images[0, 1:6, 1:6, 1:6] = 1.0
+    images[0, 3, 3, 3] = 0.0  # a hole inside channel 0: filled
+    images[1, 0, 0, 0] = -2.0  # negative counts as nonzero; only channel 1 has it
+    mask = nonzero_mask(images)
+    assert mask.dtype == bool and mask.shape == (7, 7, 7)
+    expected = np.zeros((7, 7, 7), bool)
+    expected[1:6, 1:6, 1:6] = True
+    expected[0, 0, 0] = True
+    np.testing.assert_array_equal(mask, expected)
 
 
 def test_zscore_inside_mask() -> None:
