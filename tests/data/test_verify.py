@@ -14,18 +14,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from tiny_dataset import edit_json, make_dataset, messages, rewrite
+from tiny_dataset import edit_json, messages, rewrite
 
 from segmenter.data.layout import load_dataset
 from segmenter.data.verify import ORIGIN_ATOL_MM, SPACING_RTOL, verify_dataset
 from segmenter.errors import InputError
 
 REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    return make_dataset(tmp_path / "Dataset900_Tiny", cases=("case_a", "case_b"))
 
 
 def shifted(mm: float) -> Callable:
