@@ -1,6 +1,6 @@
 """The house rules the code keeps: layers (import-linter), no import cycle, short functions,
-few positional arguments in the training loop, cross-validation and lesion matching, and the
-torch-free commands starting without torch."""
+few positional arguments in the training loop, cross-validation and lesion matching, the
+torch-free commands starting without torch, and tests that mirror the package."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "segmenter"
+TESTS = ROOT / "tests"
 #: Functions exempt from the length rule (an argparse builder is one long declaration).
 LONG_OK = {("cli.py", "build_parser")}
 MAX_LINES = 60
@@ -110,3 +111,17 @@ def test_torch_free_commands_start_without_torch(module: str) -> None:
     code = f"import sys, {module}, segmenter.cli; print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
+
+
+def test_tests_mirror_the_package() -> None:
+    # tests/<subpackage>/test_<module>.py tests segmenter/<subpackage>/<module>.py
+    stray = [
+        str(path.relative_to(TESTS))
+        for path in sorted(TESTS.glob("*/test_*.py"))
+        if not (PACKAGE / path.parent.name / f"{path.stem.removeprefix('test_')}.py").is_file()
+    ]
+    assert stray == []
+    # pytest's default import mode needs unique basenames and no __init__.py in the tests
+    names = [path.name for path in TESTS.rglob("test_*.py")]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
+    assert list(TESTS.rglob("__init__.py")) == []

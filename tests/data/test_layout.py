@@ -18,12 +18,6 @@ from segmenter.data.verify import verify_dataset
 from segmenter.errors import InputError
 from segmenter.io import read_image
 
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    return make_dataset(tmp_path / "Dataset900_Tiny", cases=("case_a", "case_b"))
-
-
 # ------------------------------------------------------------------------------------------
 # discovery
 

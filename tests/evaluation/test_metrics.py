@@ -7,6 +7,7 @@ masks). The rule table and the matching engine alone: ``test_lesions.py``.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -20,8 +21,9 @@ from scipy import ndimage
 from segmenter.data.synthetic import perturb_mask
 from segmenter.evaluation import metrics
 from segmenter.evaluation.lesions import PRESETS, LesionRule
+from segmenter.io import read_image
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 MASKS = DATA / "MSLesjak_masks_only"
 ONE = (1.0, 1.0, 1.0)
 
@@ -379,14 +381,12 @@ def test_bad_inputs_raise():
 
 
 def test_empty_policy_is_serialisable():
-    import json
-
     assert json.loads(json.dumps(metrics.EMPTY_POLICY)) == metrics.EMPTY_POLICY
 
 
 def test_metrics_module_imports_no_torch():
     code = "import sys, segmenter.evaluation.metrics; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 # ---------------------------------------------------------------- oracles on random masks
@@ -485,8 +485,6 @@ def test_panoptica_preset_matches_panoptica_on_real_masks():
     if not MASKS.is_dir():
         pytest.skip(f"{MASKS} not found")
     panoptica = pytest.importorskip("panoptica")
-    from segmenter.io import read_image
-
     panoptica.disable_citation_reminder()
     evaluator = panoptica.Panoptica_Evaluator(
         expected_input=panoptica.InputType.SEMANTIC,

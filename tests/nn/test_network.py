@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import replace
+
 import pytest
 import torch
 from monai.networks.nets import DynUNet
@@ -10,14 +11,9 @@ from torch import nn
 
 from segmenter.config import ConfigError, ModelConfig
 from segmenter.nn.network import ResidualBlock, build_model, count_parameters
-from segmenter.planning.topology import plan_topology, required_divisor
 
+#: A small network for these tests; ``replace(TINY, ...)`` varies one setting.
 TINY = ModelConfig(depth=4, base_filters=4, max_filters=16)
-
-
-def _tiny(**changes: object) -> ModelConfig:
-    fields = {**TINY.__dict__, **changes}
-    return ModelConfig(**fields)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -50,33 +46,15 @@ def test_odd_sizes_are_zero_padded_at_the_end_and_cropped_back() -> None:
 
 @pytest.mark.parametrize(("c_in", "c_out"), [(1, 1), (4, 2), (3, 5)])
 def test_channels_in_and_out(c_in: int, c_out: int) -> None:
-    model = build_model(_tiny(depth=3), c_in, c_out).eval()
+    model = build_model(replace(TINY, depth=3), c_in, c_out).eval()
     with torch.no_grad():
         y = model(torch.randn(1, c_in, 16, 12, 20))
     assert y.shape == (1, c_out, 16, 12, 20)
 
 
-def test_required_divisor_is_product_of_strides() -> None:
-    assert required_divisor(ModelConfig()) == (8, 8, 8)
-    assert required_divisor(_tiny(depth=2)) == (2, 2, 2)
-    assert required_divisor(_tiny(depth=6)) == (32, 32, 32)
-    topo = plan_topology(ModelConfig())
-    assert topo.strides == ((1, 1, 1),) + ((2, 2, 2),) * 3
-    assert topo.kernels == ((3, 3, 3),) * 4
-    assert topo.filters == (8, 16, 32, 64)
-    assert plan_topology(_tiny(depth=5)).filters == (4, 8, 16, 16, 16)  # capped at max_filters
-
-
-def test_convs_per_level_repeat_the_last_entry() -> None:
-    topo = plan_topology(ModelConfig())
-    assert topo.encoder_convs == (1, 2, 2, 2) and topo.decoder_convs == (1, 1, 1)
-    topo = plan_topology(_tiny(depth=5, encoder_convs=(1, 2, 3), decoder_convs=(2, 1)))
-    assert topo.encoder_convs == (1, 2, 3, 3, 3) and topo.decoder_convs == (2, 1, 1, 1)
-
-
 @pytest.mark.parametrize("residual", [False, True])
 def test_blocks_hold_the_configured_number_of_convs(residual: bool) -> None:
-    cfg = _tiny(encoder_convs=(1, 3), decoder_convs=(2, 1), residual=residual)
+    cfg = replace(TINY, encoder_convs=(1, 3), decoder_convs=(2, 1), residual=residual)
     model = build_model(cfg, 2, 1)
 
     def convs(block: nn.Module) -> int:
@@ -95,7 +73,7 @@ def test_blocks_hold_the_configured_number_of_convs(residual: bool) -> None:
 @pytest.mark.parametrize("value", [(), (1, 0)])
 def test_conv_counts_must_be_positive(key: str, value: tuple[int, ...]) -> None:
     with pytest.raises(ConfigError, match=key):
-        _tiny(**{key: value})
+        replace(TINY, **{key: value})
 
 
 @pytest.mark.parametrize("size", [(32, 32, 32), (37, 45, 29)])
@@ -103,7 +81,7 @@ def test_deep_supervision_outputs_in_train_mode_and_single_tensor_in_eval(
     size: tuple[int, int, int],
 ) -> None:
     torch.manual_seed(0)
-    model = build_model(_tiny(deep_supervision=True), 1, 2)
+    model = build_model(replace(TINY, deep_supervision=True), 1, 2)
     x = torch.randn(2, 1, *size)
     outs = model.train()(x)
     assert isinstance(outs, list) and len(outs) == TINY.depth - 1
@@ -118,14 +96,14 @@ def test_deep_supervision_outputs_in_train_mode_and_single_tensor_in_eval(
 
 
 def test_deep_supervision_with_depth_two_returns_one_output() -> None:
-    model = build_model(_tiny(depth=2, deep_supervision=True), 1, 1).train()
+    model = build_model(replace(TINY, depth=2, deep_supervision=True), 1, 1).train()
     outs = model(torch.randn(1, 1, 8, 8, 8))
     assert isinstance(outs, list) and len(outs) == 1 and outs[0].shape == (1, 1, 8, 8, 8)
 
 
 def test_residual_option_uses_residual_blocks() -> None:
     plain = build_model(TINY, 2, 1)
-    res = build_model(_tiny(residual=True), 2, 1)
+    res = build_model(replace(TINY, residual=True), 2, 1)
     assert not any(isinstance(m, ResidualBlock) for m in plain.modules())
     assert sum(isinstance(m, ResidualBlock) for m in res.modules()) == TINY.depth
     assert count_parameters(res) > count_parameters(plain)  # 1x1x1 projection shortcuts
@@ -136,28 +114,12 @@ def test_residual_option_uses_residual_blocks() -> None:
 
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_other_norms(norm: str) -> None:
-    model = build_model(_tiny(norm=norm, base_filters=6), 1, 1).train()
+    model = build_model(replace(TINY, norm=norm, base_filters=6), 1, 1).train()
     assert model(torch.randn(2, 1, 16, 16, 16)).shape == (2, 1, 16, 16, 16)
 
 
-def test_anisotropic_spacing_sets_per_axis_strides_and_kernels() -> None:
-    # Z is 6x coarser: held (stride 1, kernel 1) until X/Y catch up (0.5 -> 1 -> 2 -> 4 mm).
-    topo = plan_topology(ModelConfig(), spacing=(0.5, 0.5, 3.0))
-    assert topo.strides == ((1, 1, 1), (2, 2, 1), (2, 2, 1), (2, 2, 2))
-    assert topo.kernels == ((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3))
-    assert required_divisor(ModelConfig(), spacing=(0.5, 0.5, 3.0)) == (8, 8, 2)
-    # Isotropic spacing is the same as no spacing; the rule follows the axis order.
-    assert plan_topology(ModelConfig(), spacing=(1.2, 1.2, 1.2)) == plan_topology(ModelConfig())
-    assert plan_topology(ModelConfig(), spacing=(4.0, 1.0, 1.0)).strides[1] == (1, 2, 2)
-    assert plan_topology(ModelConfig(), spacing=np.array([0.5, 0.5, 3.0])) == topo
-    # A short patch axis stops halving at the minimum feature-map size (4 voxels).
-    topo = plan_topology(ModelConfig(depth=5), spacing=(1.0, 1.0, 1.0), patch_size=(64, 64, 16))
-    assert topo.strides == ((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 1), (2, 2, 1))
-    assert topo.divisor == (16, 16, 4)
-
-
 def test_anisotropic_model_has_those_kernels_and_keeps_shape() -> None:
-    cfg = _tiny(depth=3)
+    cfg = replace(TINY, depth=3)
     model = build_model(cfg, 1, 1, spacing=(0.5, 0.5, 3.0), patch_size=(32, 32, 8))
     first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv3d))
     assert tuple(first_conv.kernel_size) == (3, 3, 1)
@@ -214,7 +176,7 @@ def test_matches_monai_dynunet_with_the_same_weights(residual: bool) -> None:
     plain = {"encoder_convs": (2,), "decoder_convs": (2,)}  # nnU-Net's plain U-Net
     for cfg in (
         ModelConfig(residual=residual, base_filters=16, **plain),  # type: ignore[arg-type]
-        _tiny(residual=residual, depth=3, **plain),
+        replace(TINY, residual=residual, depth=3, **plain),
     ):
         model = build_model(cfg, 2, 1)
         oracle = _dynunet_like(model, residual)
@@ -228,7 +190,7 @@ def test_matches_monai_dynunet_with_the_same_weights(residual: bool) -> None:
 
 def test_gradients_reach_every_parameter() -> None:
     torch.manual_seed(0)
-    model = build_model(_tiny(residual=True, deep_supervision=True), 2, 2).train()
+    model = build_model(replace(TINY, residual=True, deep_supervision=True), 2, 2).train()
     outs = model(torch.randn(2, 2, 20, 18, 12))
     sum(o.square().mean() for o in outs).backward()
     for name, p in model.named_parameters():
@@ -254,7 +216,7 @@ def test_same_seed_gives_identical_weights_and_outputs() -> None:
     results = []
     for _ in range(2):
         torch.manual_seed(123)
-        model = build_model(_tiny(dropout=0.1), 2, 1).train()
+        model = build_model(replace(TINY, dropout=0.1), 2, 1).train()
         torch.manual_seed(7)
         results.append((model.state_dict(), model(x)))
     (sd_a, y_a), (sd_b, y_b) = results

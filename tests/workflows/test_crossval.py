@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,28 +12,20 @@ import pytest
 
 from segmenter.cli import main
 from segmenter.data.layout import load_dataset
-from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.evaluation.tuning import MIN_SIZES_MM3
 from segmenter.inference.predict import PredictOptions, predict_probability
 from segmenter.inference.predictor import load_predictor, load_predictors, model_runs
 
-TINY = """\
-data: {{dataset: {dataset}, patch_size: [32, 32, 32], num_workers: 0}}
-model: {{depth: 3, base_filters: 4, max_filters: 16}}
-train: {{epochs: 1, iterations_per_epoch: 2, val_every: 1, n_folds: 3, precision: fp32}}
-inference: {{sw_batch_size: 1, tta: false}}
-"""
-
 
 @pytest.fixture(scope="module")
-def crossval_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def crossval_run(
+    phantoms: Path, tiny_config: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cv")
-    dataset = write_dataset(root, 6, seed=3, spec=PhantomSpec(size=32), n_test=1)
-    config = root / "tiny.yaml"
-    config.write_text(TINY.format(dataset=dataset))
+    config = tiny_config(root / "tiny.yaml", phantoms, {"inference.tta": False})
     out = root / "cv"
     assert main(["crossval", "--config", str(config), "--out", str(out)]) == 0
-    return dataset, out
+    return phantoms, out
 
 
 def test_crossval_writes_folds_oof_summary_and_postprocessing(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -15,8 +16,20 @@ from segmenter.cli import main
 from segmenter.config import load_config
 from segmenter.data.layout import load_dataset
 from segmenter.data.synthetic import PhantomSpec, write_dataset
+from segmenter.errors import InputError
 from segmenter.planning.fingerprint import dataset_fingerprint
-from segmenter.planning.planner import make_dataset_plan, normalisation, patch_and_depth
+from segmenter.planning.planner import (
+    make_dataset_plan,
+    normalisation,
+    patch_and_depth,
+    read_dataset_plan,
+)
+from segmenter.planning.run_plan import RunPlan
+from segmenter.preprocessing.case import preprocess_case
+from segmenter.preprocessing.spec import PreprocessingSpec
+
+#: The tiny config's changes for the plan-following runs: one step, no mirroring.
+ONE_STEP = {"train.iterations_per_epoch": 1, "inference.tta": False}
 
 
 def test_patch_fits_the_budget_and_the_network_divisor() -> None:
@@ -82,18 +95,15 @@ def test_plan_command_writes_fingerprint_and_plan(
     assert main(["plan", str(tmp_path / "missing"), "--out", str(out)]) == 2
 
 
-def test_train_follows_a_plan_and_set_still_wins(dataset: Path, tmp_path: Path) -> None:
+def test_train_follows_a_plan_and_set_still_wins(
+    dataset: Path, tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
     out = tmp_path / "p"
     assert (
         main(["plan", str(dataset), "--out", str(out), "--set", "plan.cpu_patch_voxels=32768"]) == 0
     )
     plan = json.loads((out / "plan.json").read_text())
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        f"data: {{dataset: {dataset}, num_workers: 0}}\nmodel: {{base_filters: 4}}\n"
-        "train: {epochs: 1, iterations_per_epoch: 1, n_folds: 3, precision: fp32}\n"
-        "inference: {sw_batch_size: 1, tta: false}\n"
-    )
+    config = tiny_config(tmp_path / "c.yaml", dataset, ONE_STEP)
     run = tmp_path / "run"
     argv = ["train", "--config", str(config), "--plan", str(out / "plan.json"),
             "--set", "data.batch_size=1", "--out", str(run)]  # fmt: skip
@@ -120,12 +130,8 @@ def _ct_dataset(root: Path) -> Path:
 
 
 def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
-    tmp_path: Path,
+    tiny_config: Callable[..., Path], tmp_path: Path
 ) -> None:
-    from segmenter.planning.run_plan import RunPlan
-    from segmenter.preprocessing.case import preprocess_case
-    from segmenter.preprocessing.spec import PreprocessingSpec
-
     ds = _ct_dataset(tmp_path / "ct")
     out = tmp_path / "p"
     assert main(["plan", str(ds), "--out", str(out), "--set", "plan.cpu_patch_voxels=16384"]) == 0
@@ -133,13 +139,8 @@ def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
     ct, mri = plan["normalization"]
     assert ct["scheme"] == "ct_clip_zscore" and ct["clip"][0] < ct["clip"][1] and ct["std"] > 0
     assert mri["scheme"] == "zscore_nonzero"
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        f"data: {{dataset: {ds}, num_workers: 0, cache_dir: {tmp_path / 'cache'}}}\n"
-        "model: {base_filters: 4}\n"
-        "train: {epochs: 1, iterations_per_epoch: 1, n_folds: 3, precision: fp32}\n"
-        "inference: {sw_batch_size: 1, tta: false}\n"
-    )
+    changes = {**ONE_STEP, "data.cache_dir": tmp_path / "cache"}
+    config = tiny_config(tmp_path / "c.yaml", ds, changes)
     run = tmp_path / "run"
     argv = ["train", "--config", str(config), "--plan", str(out / "plan.json"), "--out", str(run)]
     assert main(argv) == 0
@@ -162,9 +163,6 @@ def test_a_ct_dataset_is_planned_trained_and_predicted_with_dataset_statistics(
 
 
 def test_a_bad_plan_file_is_refused_with_one_line(tmp_path: Path) -> None:
-    from segmenter.errors import InputError
-    from segmenter.planning.planner import read_dataset_plan
-
     path = tmp_path / "plan.json"
     path.write_text("{}")
     with pytest.raises(InputError, match="not a plan.json"):

@@ -13,7 +13,7 @@ from segmenter.errors import InputError
 from segmenter.planning.run_plan import FORMAT_VERSION, RunPlan, migrate
 from segmenter.preprocessing.spec import PreprocessingSpec
 
-FIXTURE_PLAN = Path(__file__).parent / "fixtures" / "run_format_v0" / "plan.json"
+FIXTURE_PLAN = Path(__file__).parents[1] / "fixtures" / "run_format_v0" / "plan.json"
 MRI = (ChannelNormalization(channel="FLAIR"), ChannelNormalization(channel="T1"))
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from segmenter.config import EvaluationConfig
 from segmenter.errors import InputError
 from segmenter.evaluation.evaluate import evaluate_folders, pair_cases
+from segmenter.evaluation.metrics import DEFAULT_SIZE_BINS_MM3
 from segmenter.io import write_image
 
 SPACING_AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])  # voxel 2 mm3
@@ -154,7 +156,4 @@ def test_multi_label_reports_each_label(tmp_path: Path) -> None:
 
 
 def test_config_default_size_bins_match_metrics() -> None:
-    from segmenter.config import EvaluationConfig
-    from segmenter.evaluation.metrics import DEFAULT_SIZE_BINS_MM3
-
     assert EvaluationConfig().size_bins_mm3 == tuple(DEFAULT_SIZE_BINS_MM3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -67,18 +68,15 @@ def test_key_follows_settings_and_files(dataset: Path) -> None:
     assert key != cache_key(case, spec)
 
 
-def test_training_reuses_the_cache(dataset: Path, tmp_path: Path) -> None:
+def test_training_reuses_the_cache(
+    dataset: Path, tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
     cache = tmp_path / "cache"
-    overrides = [
-        f"data.dataset={dataset}", f"data.cache_dir={cache}", "data.patch_size=[32, 32, 32]",
-        "data.num_workers=0", "model.depth=3", "model.base_filters=4", "train.epochs=1",
-        "train.iterations_per_epoch=2", "train.n_folds=2", "train.precision=fp32",
-        "inference.sw_batch_size=1",
-    ]  # fmt: skip
-    fit(load_config(None, overrides), tmp_path / "a", progress=False)
+    config = tiny_config(tmp_path / "tiny.yaml", dataset, {"data.cache_dir": cache})
+    fit(load_config(config), tmp_path / "a", progress=False)
     entries = sorted(p.name for p in cache.iterdir())
     assert len(entries) == 4
     stamps = [(cache / e / "image.npy").stat().st_mtime_ns for e in entries]
-    fit(load_config(None, overrides), tmp_path / "b", progress=False)
+    fit(load_config(config), tmp_path / "b", progress=False)
     assert sorted(p.name for p in cache.iterdir()) == entries
     assert [(cache / e / "image.npy").stat().st_mtime_ns for e in entries] == stamps

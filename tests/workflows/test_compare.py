@@ -1,40 +1,27 @@
+"""Tests for segmenter.workflows.compare and `segmenter compare`: variants of one base config,
+trained, predicted and scored on the same cases."""
+
 from __future__ import annotations
 
 import csv
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from segmenter.cli import main
 from segmenter.config import load_config
-from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.errors import InputError
 from segmenter.workflows.compare import load_variants
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-TINY = """\
-data:
-  dataset: {dataset}
-  patch_size: [32, 32, 32]
-  num_workers: 0
-model: {{depth: 3, base_filters: 4, max_filters: 16}}
-train:
-  epochs: 1
-  iterations_per_epoch: 2
-  val_every: 1
-  n_folds: 3
-  precision: fp32
-inference: {{sw_batch_size: 1, tta: false}}
-"""
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[Path, Path]:
-    dataset = write_dataset(tmp_path, 6, seed=1, spec=PhantomSpec(size=32), n_test=2)
-    base = tmp_path / "base.yaml"
-    base.write_text(TINY.format(dataset=dataset))
+def setup(phantoms: Path, tiny_config: Callable[..., Path], tmp_path: Path) -> tuple[Path, Path]:
+    base = tiny_config(tmp_path / "base.yaml", phantoms, {"inference.tta": False})
     variants = tmp_path / "variants.yaml"
     variants.write_text(
         "variants:\n  dice: {loss.name: dice}\n  bce: {loss.name: focal, loss.gamma: 0.0}\n"
@@ -103,12 +90,14 @@ def test_shipped_loss_comparison_variants_are_valid() -> None:
     assert len(names) == 11
 
 
-def test_without_a_test_set_the_fold_validation_cases_are_scored(tmp_path: Path) -> None:
+def test_without_a_test_set_the_fold_validation_cases_are_scored(
+    phantoms: Path, tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
     # No imagesTs: every variant is predicted (with probabilities) and scored on the validation
     # cases of fold 0, the same cases for every variant; FROC and the overlay come from them.
-    dataset = write_dataset(tmp_path, 6, seed=2, spec=PhantomSpec(size=32))
-    base = tmp_path / "base.yaml"
-    base.write_text(TINY.format(dataset=dataset))
+    no_test = shutil.ignore_patterns("imagesTs", "labelsTs")
+    dataset = shutil.copytree(phantoms, tmp_path / phantoms.name, ignore=no_test)
+    base = tiny_config(tmp_path / "base.yaml", dataset, {"inference.tta": False})
     variants = tmp_path / "variants.yaml"
     variants.write_text("variants:\n  dice: {loss.name: dice}\n  focal: {loss.name: focal}\n")
     out = tmp_path / "cmp"

@@ -2,7 +2,7 @@
 
 Each problem ``verify_dataset`` names (see its module docstring) has a failure-path test on a
 tiny dataset broken in one place; the layout problems it shares with ``load_dataset`` are
-checked in ``test_data.py``.
+checked in ``test_layout.py``.
 """
 
 from __future__ import annotations
@@ -14,18 +14,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from tiny_dataset import edit_json, make_dataset, messages, rewrite
+from tiny_dataset import edit_json, messages, rewrite
 
 from segmenter.data.layout import load_dataset
 from segmenter.data.verify import ORIGIN_ATOL_MM, SPACING_RTOL, verify_dataset
 from segmenter.errors import InputError
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    return make_dataset(tmp_path / "Dataset900_Tiny", cases=("case_a", "case_b"))
+REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def shifted(mm: float) -> Callable:

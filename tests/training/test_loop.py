@@ -1,6 +1,10 @@
+"""Tests for segmenter.training.loop: ``fit`` and ``segmenter train`` end to end, resume, the run
+folder, and predictions from a trained run in the scan's own geometry."""
+
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,51 +13,18 @@ import torch
 
 from segmenter.cli import main
 from segmenter.config import load_config
-from segmenter.data.splits import make_splits
-from segmenter.data.synthetic import PhantomSpec, write_dataset
+from segmenter.errors import InputError
 from segmenter.io import read_image, write_image
 from segmenter.training.loop import fit
-from segmenter.training.schedule import lr_factor
-
-TINY = """\
-data:
-  dataset: {dataset}
-  patch_size: [32, 32, 32]
-  num_workers: 0
-model:
-  depth: 3
-  base_filters: 4
-  max_filters: 16
-train:
-  epochs: 2
-  iterations_per_epoch: 2
-  val_every: 1
-  n_folds: 3
-  precision: fp32
-  threads: 2
-inference:
-  sw_batch_size: 1
-"""
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("phantoms")
-    return write_dataset(root, 6, seed=0, spec=PhantomSpec(size=32), n_test=2)
-
-
-@pytest.fixture
-def config_file(dataset: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.format(dataset=dataset))
-    return path
 
 
 def test_train_predict_evaluate_in_process(
-    dataset: Path, config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    phantoms: Path, tiny_config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--config", str(config_file), "--out", str(run)]) == 0
+    argv = ["train", "--config", str(tiny_config_file), "--set", "train.epochs=2",
+            "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
     for name in ("config.yaml", "plan.json", "splits.json", "metrics.csv", "train.log",
                  "summary.json", "lesions.csv", "training_curves.png"):  # fmt: skip
         assert (run / name).is_file(), name
@@ -64,7 +35,7 @@ def test_train_predict_evaluate_in_process(
     splits = json.loads((run / "splits.json").read_text())
     assert len(splits) == 3 and all(set(s) == {"train", "val"} for s in splits)
     pred = tmp_path / "pred"
-    argv = ["predict", "--model", str(run), "--input", str(dataset / "imagesTs"),
+    argv = ["predict", "--model", str(run), "--input", str(phantoms / "imagesTs"),
             "--output", str(pred), "--no-tta", "--save-probabilities"]  # fmt: skip
     assert main(argv) == 0
     masks = sorted(pred.glob("*.nii.gz"))
@@ -72,14 +43,14 @@ def test_train_predict_evaluate_in_process(
     prob = read_image(pred / "probabilities" / "phantom_test_000.nii.gz")
     assert prob.array.dtype == np.float32 and 0.0 <= prob.array.min() <= prob.array.max() <= 1.0
     assert read_image(masks[0]).array.dtype == np.uint8
-    assert main(["evaluate", "--pred", str(pred), "--ref", str(dataset / "labelsTs")]) == 0
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(phantoms / "labelsTs")]) == 0
     assert "pooled" in capsys.readouterr().out
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
-    config_file: Path, tmp_path: Path
+    tiny_config_file: Path, tmp_path: Path
 ) -> None:
-    cfg = load_config(config_file, ["train.epochs=3", "train.val_every=2"])
+    cfg = load_config(tiny_config_file, ["train.epochs=3", "train.val_every=2"])
     fit(cfg, tmp_path / "straight", progress=False)
     part = tmp_path / "resumed"
     fit(cfg, part, progress=False, should_stop=lambda epoch: epoch == 1)
@@ -98,15 +69,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
 
 
 def test_resume_needs_a_run_and_a_fresh_run_needs_an_empty_folder(
-    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["train", "--resume", "--out", str(tmp_path / "nothing")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
-    run = tmp_path / "run"
-    cfg = load_config(config_file, ["train.epochs=1"])
-    fit(cfg, run, progress=False)
-    with pytest.raises(Exception, match="already holds a trained run"):
-        fit(cfg, run, progress=False)
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    with pytest.raises(InputError, match="already holds a trained run"):
+        fit(load_config(run / "config.yaml"), run, progress=False)
 
 
 #: An oblique scan with 1.2 x 0.9 x 2.8 mm voxels whose array axes are permuted against RAS.
@@ -128,14 +97,13 @@ def _oblique_scan(folder: Path, shape: tuple[int, int, int], seed: int, margin: 
 
 
 def test_prediction_keeps_the_geometry_of_an_oblique_anisotropic_input(
-    tmp_path: Path, config_file: Path
+    tmp_path: Path, trained_run: Path
 ) -> None:
-    run = tmp_path / "run"
-    fit(load_config(config_file, ["train.epochs=1"]), run, progress=False)
     shape = (37, 29, 13)
     paths = _oblique_scan(tmp_path, shape, seed=0, margin=0)
     out = tmp_path / "scan_mask.nii.gz"
-    argv = ["predict", "--model", str(run), "--input", *map(str, paths), "--output", str(out)]
+    argv = ["predict", "--model", str(trained_run), "--input", *map(str, paths),
+            "--output", str(out)]  # fmt: skip
     assert main(argv) == 0
     mask = read_image(out)
     scan = read_image(paths[0])
@@ -145,12 +113,12 @@ def test_prediction_keeps_the_geometry_of_an_oblique_anisotropic_input(
 
 
 def test_target_spacing_resamples_for_training_and_back_for_prediction(
-    tmp_path: Path, config_file: Path
+    tmp_path: Path, tiny_config_file: Path
 ) -> None:
     # Train at 0.8 mm on 1 mm phantoms; predict an oblique scan of 1.2 x 0.9 x 2.8 mm voxels:
     # the mask comes back on the scan's own grid (resampled there, uncropped).
     run = tmp_path / "run"
-    cfg = load_config(config_file, ["train.epochs=1", "data.target_spacing=[0.8, 0.8, 0.8]"])
+    cfg = load_config(tiny_config_file, ["data.target_spacing=[0.8, 0.8, 0.8]"])
     fit(cfg, run, progress=False)
     plan = json.loads((run / "plan.json").read_text())
     assert plan["target_spacing"] == [0.8, 0.8, 0.8]
@@ -167,19 +135,10 @@ def test_target_spacing_resamples_for_training_and_back_for_prediction(
     assert prob.shape == shape and prob[0].max() == 0.0  # outside the nonzero box: 0
 
 
-@pytest.fixture(scope="module")
-def trained_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("run")
-    cfg_path = root / "tiny.yaml"
-    cfg_path.write_text(TINY.format(dataset=dataset))
-    fit(load_config(cfg_path, ["train.epochs=1"]), root / "run", progress=False)
-    return root / "run"
-
-
 def test_predict_bad_inputs_exit_2_and_write_nothing(
-    trained_run: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    trained_run: Path, phantoms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    images = dataset / "imagesTs"
+    images = phantoms / "imagesTs"
     ch0, ch1 = images / "phantom_test_000_0000.nii.gz", images / "phantom_test_000_0001.nii.gz"
     out = tmp_path / "out"
 
@@ -205,10 +164,10 @@ def test_predict_bad_inputs_exit_2_and_write_nothing(
 
 
 def test_bad_dataset_or_fold_fails_before_anything_is_written(
-    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    argv = ["train", "--config", str(config_file), "--out", str(run)]
+    argv = ["train", "--config", str(tiny_config_file), "--out", str(run)]
     assert main([*argv, "--set", "data.dataset=/nonexistent/Dataset001_X"]) == 2
     assert "not found" in capsys.readouterr().err
     assert main([*argv, "--fold", "3"]) == 2  # n_folds is 3 in the tiny config
@@ -219,71 +178,13 @@ def test_bad_dataset_or_fold_fails_before_anything_is_written(
 
 
 def test_unknown_config_key_exit_2(
-    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["train", "--config", str(config_file), "--set", "train.epocs=3",
+    argv = ["train", "--config", str(tiny_config_file), "--set", "train.epocs=3",
             "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(argv) == 2
     assert "unknown config key 'train.epocs'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-
-
-def test_splits_are_stratified_by_lesion_burden() -> None:
-    ids = [f"c{i}" for i in range(10)]
-    burdens = [0.0, 0.0, 0.001, 0.002, 0.003, 0.004, 0.01, 0.02, 0.03, 0.0]
-    splits = make_splits(ids, burdens, 3, seed=0)
-    vals = [set(s["val"]) for s in splits]
-    assert set().union(*vals) == set(ids) and sum(len(v) for v in vals) == 10
-    for s in splits:
-        assert not set(s["train"]) & set(s["val"])
-    free = {"c0", "c1", "c9"}
-    assert all(len(v & free) == 1 for v in vals)  # lesion-free cases spread over the folds
-    assert make_splits(ids, burdens, 3, seed=0) == splits
-    with pytest.raises(Exception, match="fewer than train.n_folds"):
-        make_splits(ids[:2], burdens[:2], 3, seed=0)
-
-
-def test_learning_rate_schedules() -> None:
-    poly = load_config(None, [])
-    assert lr_factor(poly.train, 0.0, 0, 0) == 1.0
-    assert lr_factor(poly.train, 0.5, 50, 0) == pytest.approx(0.5**0.9)
-    assert lr_factor(poly.train, 1.0, 100, 0) == 0.0
-    cosine = load_config(None, ["train.scheduler=cosine"])
-    assert lr_factor(cosine.train, 0.5, 50, 0) == pytest.approx(0.5)
-    assert lr_factor(poly.train, 0.0, 4, 10) == pytest.approx(0.5)  # warm-up: step 5 of 10
-
-
-def test_threshold_tuning_picks_the_best_lesion_f1() -> None:
-    from segmenter.training.validation import tune_threshold
-
-    ref = np.zeros((16, 16, 16), np.uint8)
-    ref[2:5, 2:5, 2:5] = 1  # found at any threshold below 0.8
-    ref[10:12, 10:12, 10:12] = 1  # faint: only found below 0.3
-    prob = np.zeros(ref.shape, np.float32)
-    prob[2:5, 2:5, 2:5] = 0.8
-    prob[10:12, 10:12, 10:12] = 0.3
-    prob[14, 1, 14] = 0.2  # a false positive below 0.25
-    cfg = load_config(None, [])
-    threshold, rows = tune_threshold([prob], [ref], [(1.0, 1.0, 1.0)], cfg)
-    assert threshold == 0.25 or threshold == 0.3  # both lesions, no false positive
-    best = next(r for r in rows if r["threshold"] == threshold)
-    assert best["f1"] == 1.0 and best["recall"] == 1.0
-    assert next(r for r in rows if r["threshold"] == 0.5)["recall"] == 0.5
-    assert next(r for r in rows if r["threshold"] == 0.1)["precision"] < 1.0
-
-
-def test_threshold_tuning_does_not_reward_one_blob_over_every_lesion() -> None:
-    from segmenter.training.validation import tune_threshold
-
-    ref = np.zeros((20, 20, 20), np.uint8)
-    ref[2:4, 2:4, 2:4] = ref[12:14, 12:14, 12:14] = 1
-    prob = np.full(ref.shape, 0.2, np.float32)  # low everywhere: at 0.1 one blob covers all
-    prob[2:4, 2:4, 2:4] = prob[12:14, 12:14, 12:14] = 0.9
-    prob[12, 12, 12] = 0.6
-    threshold, rows = tune_threshold([prob], [ref], [(1.0, 1.0, 1.0)], load_config(None, []))
-    blob = next(r for r in rows if r["threshold"] == 0.1)
-    assert blob["f1"] == 1.0 and blob["dice"] < 0.01  # lesion F1 alone would take the blob
-    assert threshold > 0.2
 
 
 def test_tuned_threshold_is_stored_in_the_run(trained_run: Path) -> None:
@@ -292,3 +193,18 @@ def test_tuned_threshold_is_stored_in_the_run(trained_run: Path) -> None:
     assert "pooled lesion F1" in plan["threshold_tuning"]["criterion"]
     assert state["plan"]["threshold"] == plan["threshold"]
     assert len(plan["threshold_tuning"]["rows"]) == 17
+
+
+def reject_constant(name: str) -> float:
+    """``parse_constant`` for strict JSON: NaN and the infinities are no JSON values."""
+    raise ValueError(f"not strict JSON: {name}")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="plan.json is written with json.dumps(allow_nan=True): the threshold-tuning rows "
+    "carry NaN precision (no lesion predicted at high thresholds) as a bare NaN token, unlike "
+    "summary.json, fingerprint.json and postprocessing.json (strict JSON, NaN as null)",
+)
+def test_the_run_plan_is_strict_json(trained_run: Path) -> None:
+    json.loads((trained_run / "plan.json").read_text(), parse_constant=reject_constant)
