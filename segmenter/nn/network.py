@@ -9,7 +9,7 @@ blocks for residual ones (the level's convs plus a 1x1x1 projection shortcut whe
 changes), as MONAI's ``DynUNet(res_block=True)`` does.
 
 Convs per level: nnU-Net's plain U-Net has two everywhere (``encoder_convs=[2]``,
-``decoder_convs=[2]``; ``tests/test_model.py`` checks it against ``DynUNet``). The default is
+``decoder_convs=[2]``; ``tests/nn/test_network.py`` checks it against ``DynUNet``). The default is
 lighter at full resolution, where a 64^3 patch spends most of a step: one conv at level 0 of
 the encoder and one per decoder level (nnU-Net's residual-encoder presets also use one block in
 their first stage and one conv per decoder stage). ``python scripts/bench_train.py`` times the
@@ -17,7 +17,7 @@ default against MONAI's ``UNet`` (README, Speed: 0.177 vs 0.229 s per (2, 2, 64^
 2 EPYC cores; nnU-Net's plain layout at 16 filters ran 0.35x MONAI's voxel throughput there).
 
 Own blocks, not MONAI's ``DynUNet``: at equal topology both are as fast (``scripts/bench_model.py``)
-and give the same logits (``tests/test_model.py``); only ours give deep-supervision outputs at
+and give the same logits (``tests/nn/test_network.py``); only ours give deep-supervision outputs at
 native resolution, depth 2, any input size and nnU-Net v2's decoder kernels for anisotropic data.
 
 Kernels and strides per level come from :mod:`segmenter.planning.topology` (nnU-Net's

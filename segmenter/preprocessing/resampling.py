@@ -19,7 +19,7 @@ Where a lesion would still vanish (a lesion narrower than the new voxel spacing 
 between the new grid points below 0.5 everywhere), the new voxel with its highest
 interpolated value is kept: each connected region of the interpolated map that reaches no
 voxel above the threshold contributes that one voxel. A lesion of radius 1 voxel survives
-1 mm -> 1.5 mm -> 1 mm (``tests/test_resample.py``).
+1 mm -> 1.5 mm -> 1 mm (``tests/preprocessing/test_resampling.py``).
 
 Grids: sizes are ``round(shape * spacing / new_spacing)``, at least 1, and voxel centres are
 placed as ``scipy.ndimage.zoom(grid_mode=True)`` places them (the volume's outer faces stay
