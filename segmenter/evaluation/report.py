@@ -198,12 +198,12 @@ def summarise(
     }
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """Replace NaN/inf by JSON-compatible values: NaN -> null (as json.dumps cannot do strictly)."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.generic):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -305,7 +305,7 @@ def format_table(summary: dict[str, Any], max_rows: int = 30) -> str:
 
 def summary_json(summary: dict[str, Any]) -> str:
     """``summary.json`` text: strict JSON, NaN written as null and infinities as strings."""
-    return json.dumps(_json_safe(summary), indent=2, allow_nan=False)
+    return json.dumps(json_safe(summary), indent=2, allow_nan=False)
 
 
 def write_report(results: list[CaseResult], summary: dict[str, Any], out_dir: str | Path) -> None:

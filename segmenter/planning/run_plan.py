@@ -26,6 +26,7 @@ from typing import Any
 
 from segmenter.config import ChannelNormalization, config_from_dict, config_to_dict
 from segmenter.errors import InputError
+from segmenter.evaluation.report import json_safe
 from segmenter.preprocessing.spec import PreprocessingSpec
 
 FORMAT_VERSION = 1
@@ -100,8 +101,8 @@ class RunPlan:
             "min_lesion_mm3": self.min_lesion_mm3,
             "fold": self.fold,
         }
-        if self.threshold_tuning is not None:
-            out["threshold_tuning"] = dict(self.threshold_tuning)
+        if self.threshold_tuning is not None:  # an undefined score (NaN) is null, as in JSON
+            out["threshold_tuning"] = json_safe(dict(self.threshold_tuning))
         return out
 
     @classmethod

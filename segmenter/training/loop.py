@@ -106,8 +106,8 @@ def build_run_plan(
 
 
 def write_run_plan(plan: RunPlan, run: Path) -> None:
-    """``RUN/plan.json``."""
-    write_text(run / "plan.json", json.dumps(plan.to_json(), indent=2))
+    """``RUN/plan.json`` (strict JSON: a tuning row's undefined precision is null)."""
+    write_text(run / "plan.json", report.summary_json(plan.to_json()))
 
 
 # --------------------------------------------------------------------------------- set-up

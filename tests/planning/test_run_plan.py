@@ -10,6 +10,7 @@ import pytest
 
 from segmenter.config import ChannelNormalization
 from segmenter.errors import InputError
+from segmenter.evaluation.report import json_safe
 from segmenter.planning.run_plan import FORMAT_VERSION, RunPlan, migrate
 from segmenter.preprocessing.spec import PreprocessingSpec
 
@@ -42,7 +43,9 @@ def test_the_plan_json_keys_are_those_of_format_0_plus_the_version() -> None:
     old = json.loads(FIXTURE_PLAN.read_text())
     new = RunPlan.from_json(old).to_json()
     assert list(new) == ["format_version", *old]
-    assert {k: v for k, v in new.items() if k != "format_version"} == old
+    # the same values, but strict JSON: format 0 wrote an undefined precision as a bare NaN
+    assert {k: v for k, v in new.items() if k != "format_version"} == json_safe(old)
+    assert "NaN" in FIXTURE_PLAN.read_text() and "NaN" not in json.dumps(new)
 
 
 def test_format_0_reads_as_version_0_and_is_written_as_the_current_one() -> None:

@@ -200,11 +200,5 @@ def reject_constant(name: str) -> float:
     raise ValueError(f"not strict JSON: {name}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="plan.json is written with json.dumps(allow_nan=True): the threshold-tuning rows "
-    "carry NaN precision (no lesion predicted at high thresholds) as a bare NaN token, unlike "
-    "summary.json, fingerprint.json and postprocessing.json (strict JSON, NaN as null)",
-)
 def test_the_run_plan_is_strict_json(trained_run: Path) -> None:
     json.loads((trained_run / "plan.json").read_text(), parse_constant=reject_constant)
