@@ -163,3 +163,10 @@ def test_a_full_disk_is_one_line_exit_1_and_the_previous_file_stays(
     assert "Traceback" not in err
     assert (out / "summary.json").read_text() == "previous"
     assert sorted(os.listdir(out)) == ["summary.json"]  # no temporary file left behind
+
+
+def test_python_dash_m_segmenter_is_the_cli() -> None:
+    run = subprocess.run([sys.executable, "-m", "segmenter", "verify", "/nonexistent/ds"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2
+    assert "/nonexistent/ds: dataset folder not found" in run.stdout + run.stderr
