@@ -134,7 +134,7 @@ def test_truncated_nifti_is_input_error(tmp_path: Path, volume: np.ndarray) -> N
     path = write_image(tmp_path / "t.nii.gz", volume, np.eye(4))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match=r"t\.nii\.gz: cannot read image") as err:
+    with pytest.raises(InputError, match=r"t\.nii\.gz: header claims .* but the file holds") as err:
         read_image(path)
     assert "\n" not in str(err.value)
 
