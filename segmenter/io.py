@@ -260,20 +260,38 @@ def _check_affine(path: Path, affine: np.ndarray, spacing: tuple[float, ...]) ->
         )
 
 
+def _forms_distance(
+    a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]
+) -> tuple[float, float]:
+    """How far two affines place the scan apart: origins in mm, axes in voxels."""
+    origin_mm = float(np.abs(a[:3, 3] - b[:3, 3]).max())
+    axes = float(np.abs(a[:3, :3] - b[:3, :3]).max()) / max(min(spacing), 1e-12)
+    return origin_mm, axes
+
+
 def _check_forms_agree(path: Path, header: nib.Nifti1Header, spacing: tuple[float, ...]) -> None:
-    """Refuse a qform and an sform that both claim to place the scan, in different places."""
+    """Refuse a qform and an sform that both claim to place the scan, in different places.
+
+    A qform can only hold a rotation, so for a sheared sform writers store its nearest rigid
+    transform: a qform equal to the one nibabel derives from the sform agrees with it.
+    """
     qform, qcode = header.get_qform(coded=True)
     sform, scode = header.get_sform(coded=True)
     if not (qcode and scode) or qform is None or sform is None:
         return
-    origin_mm = float(np.abs(qform[:3, 3] - sform[:3, 3]).max())
-    axes = float(np.abs(qform[:3, :3] - sform[:3, :3]).max()) / max(min(spacing), 1e-12)
-    if origin_mm > ORIGIN_VOXEL_FRACTION * min(spacing) or axes > GEOMETRY_RTOL:
-        raise HeaderError(
-            f"{path}: qform and sform disagree (origins {origin_mm:.3g} mm apart, voxel axes "
-            f"{axes:.3g} voxel apart); tools that use one or the other place the scan "
-            f"differently: make them equal (e.g. fslorient -copysform2qform)"
-        )
+    origin_mm, axes = _forms_distance(qform, sform, spacing)
+    if origin_mm <= ORIGIN_VOXEL_FRACTION * min(spacing) and axes <= GEOMETRY_RTOL:
+        return
+    derived = header.copy()
+    derived.set_qform(sform, code=int(qcode))
+    near_mm, near_axes = _forms_distance(qform, derived.get_qform(), spacing)
+    if near_mm <= ORIGIN_VOXEL_FRACTION * min(spacing) and near_axes <= GEOMETRY_RTOL:
+        return
+    raise HeaderError(
+        f"{path}: qform and sform disagree (origins {origin_mm:.3g} mm apart, voxel axes "
+        f"{axes:.3g} voxel apart); tools that use one or the other place the scan "
+        f"differently: make them equal (e.g. fslorient -copysform2qform)"
+    )
 
 
 def _check_dtype(path: Path, dtype: np.dtype) -> None:
