@@ -54,11 +54,14 @@ class Case:
         case_id: the ``{case}`` part of the file names.
         images: one file per channel, in channel order (``_0000`` first).
         label: the label file, None for an unlabelled (test or prediction) case.
+        label_values: the values ``dataset.json`` declares (``labels``), which the label file
+            may hold; None when no dataset says (a case named on the command line).
     """
 
     case_id: str
     images: tuple[Path, ...]
     label: Path | None = None
+    label_values: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -429,8 +432,9 @@ def _raise_first(problems: Sequence[Problem], root: Path) -> None:
     raise InputError(str(problems[0]) + (tail if more else ""))
 
 
-def _to_case(entry: _Entry, n_channels: int) -> Case:
-    return Case(entry.case_id, tuple(entry.images[c] for c in range(n_channels)), entry.label)
+def _to_case(entry: _Entry, n_channels: int, labels: Mapping[str, int]) -> Case:
+    images = tuple(entry.images[c] for c in range(n_channels))
+    return Case(entry.case_id, images, entry.label, tuple(sorted(labels.values())))
 
 
 def find_cases(folder: str | Path, n_channels: int, file_ending: str) -> tuple[Case, ...]:
@@ -494,8 +498,8 @@ def load_dataset(root: str | Path) -> Dataset:
         labels=meta.labels,
         file_ending=meta.file_ending,
         num_training=meta.num_training,
-        training=tuple(_to_case(e, n) for e in layout.train),
-        test=tuple(_to_case(e, n) for e in layout.test),
+        training=tuple(_to_case(e, n, meta.labels) for e in layout.train),
+        test=tuple(_to_case(e, n, meta.labels) for e in layout.test),
     )
 
 
