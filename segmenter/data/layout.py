@@ -278,7 +278,10 @@ def _scan_images(
     strays: list[Problem] = []
     for path in _visible_entries(folder):
         if path.is_dir():
-            strays.append(Problem(path, f"stray folder: {folder.name} holds only {pattern} files"))
+            if not _named_like_a_file(path, file_ending):  # else: a missing channel, said so
+                strays.append(
+                    Problem(path, f"stray folder: {folder.name} holds only {pattern} files")
+                )
             continue
         if not path.name.endswith(file_ending):
             if not _is_detached_data(path, file_ending):
@@ -304,6 +307,17 @@ def _scan_images(
     return cases, problems, strays
 
 
+def _named_like_a_file(path: Path, file_ending: str) -> bool:
+    """Whether ``path`` has the name of a channel file ``{case}_{XXXX}{file_ending}``."""
+    name = path.name
+    return name.endswith(file_ending) and bool(_CHANNEL_RE.match(name[: -len(file_ending)]))
+
+
+def _folder_note(path: Path) -> str:
+    """`` (a folder has its name)`` when the missing file's name is taken by a folder."""
+    return " (a folder has its name)" if path.is_dir() else ""
+
+
 def _missing_channels(
     folder: Path,
     case_id: str,
@@ -317,11 +331,13 @@ def _missing_channels(
         names = channel_names
     return [
         Problem(
-            folder / f"{case_id}_{c:04d}{file_ending}",
-            f"missing channel {c}{f' ({name})' if name else ''} of case {case_id}",
+            path,
+            f"missing channel {c}{f' ({name})' if name else ''} of case {case_id}"
+            + _folder_note(path),
         )
         for c, name in names.items()
         if c not in images
+        for path in [folder / f"{case_id}_{c:04d}{file_ending}"]
     ]
 
 
@@ -331,7 +347,10 @@ def _scan_labels(folder: Path, file_ending: str) -> tuple[dict[str, Path], list[
     pattern = f"{{case}}{file_ending}"
     for path in _visible_entries(folder):
         if path.is_dir():
-            strays.append(Problem(path, f"stray folder: {folder.name} holds only {pattern} files"))
+            if not path.name.endswith(file_ending):  # else: a missing label, said so
+                strays.append(
+                    Problem(path, f"stray folder: {folder.name} holds only {pattern} files")
+                )
         elif path.name.endswith(file_ending) and len(path.name) > len(file_ending):
             labels[path.name[: -len(file_ending)]] = path
         elif not _is_detached_data(path, file_ending):
@@ -373,8 +392,9 @@ def _pair(
                 )
             )
         if entry.label is None and labels_required:
+            path = labels_dir / f"{case_id}{file_ending}"
             entry.problems.append(
-                Problem(labels_dir / f"{case_id}{file_ending}", f"missing label of case {case_id}")
+                Problem(path, f"missing label of case {case_id}{_folder_note(path)}")
             )
         entries.append(entry)
     return entries, problems, strays

@@ -87,8 +87,12 @@ def collect_cases(inputs: Sequence[str | Path], predictor: Predictor) -> list[Ca
         if not cases:
             raise InputError(f"{folder}: no cases named CASE_XXXX{endings[0]} found")
         return list(cases)
-    if any(p.is_dir() for p in paths):
-        raise InputError("--input takes one folder, or one file per channel (not both)")
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise InputError(
+            f"{folders[0]}: is a folder; --input takes one folder, or one file per channel "
+            f"(not both)"
+        )
     if len(paths) != n_channels:
         names = ", ".join(predictor.channel_names)
         raise InputError(
