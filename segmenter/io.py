@@ -234,6 +234,12 @@ def _check_raw_nifti(path: Path, raw: nib.Nifti1Header) -> None:
             raise HeaderError(f"{path}: sform (srow_x/y/z) has non-finite entries")
     if math.isinf(float(raw["scl_slope"])):
         raise HeaderError(f"{path}: scl_slope is {float(raw['scl_slope']):g}")
+    offset, first = float(raw["vox_offset"]), int(raw["sizeof_hdr"]) + 4
+    if bytes(raw["magic"]).startswith((b"n+1", b"n+2")) and 0 <= offset < first:
+        raise HeaderError(
+            f"{path}: vox_offset {offset:g} lies inside the header (voxels start at byte "
+            f"{first} or later): nibabel would read the header as voxels, niftilib would not"
+        )
 
 
 def _check_affine(path: Path, affine: np.ndarray, spacing: tuple[float, ...]) -> None:
@@ -559,8 +565,22 @@ def read_image(
     _check_dtype(p, array.dtype)
     array = _squeeze_to(array, ndim, p)
     if dtype is not None:
-        array = array.astype(dtype, copy=False)
+        array = _cast(array, np.dtype(dtype), p)
     return Image(array=array, affine=affine, spacing=spacing, header=header, path=p)
+
+
+def _cast(array: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
+    """``array`` as ``dtype``; refuses finite values the target float type cannot hold (a huge
+    ``scl_slope`` scales voxels past float32), which would turn into inf silently."""
+    if dtype.kind == "f" and array.dtype.kind == "f" and array.dtype.itemsize > dtype.itemsize:
+        finite = array[np.isfinite(array)]
+        largest = float(np.abs(finite).max()) if finite.size else 0.0
+        if largest > float(np.finfo(dtype).max):
+            raise HeaderError(
+                f"{path}: voxel values up to {largest:.3g} (after scl_slope/scl_inter scaling) "
+                f"exceed the {dtype} range"
+            )
+    return array.astype(dtype, copy=False)
 
 
 def _nifti_for(array: np.ndarray, affine: np.ndarray, like: Image | None) -> nib.Nifti1Image:
