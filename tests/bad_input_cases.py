@@ -123,9 +123,10 @@ class WritesAMarker:
 
 
 def patch_header(path: Path, **fields: Any) -> None:
-    """Set raw header fields of a ``.nii.gz`` without nibabel's checks, e.g.
+    """Set raw header fields of a ``.nii.gz`` (or ``.nii``) without nibabel's checks, e.g.
     ``pixdim=[1, 0, 1, 1, ...]`` or ``pixdim__2=-1`` (one element)."""
-    data = bytearray(gzip.decompress(path.read_bytes()))
+    compressed = path.name.endswith(".gz")
+    data = bytearray(gzip.decompress(path.read_bytes()) if compressed else path.read_bytes())
     nifti2 = int.from_bytes(data[:4], "little") == 540
     dtype = nib.nifti2.header_dtype if nifti2 else nib.nifti1.header_dtype
     header = np.ndarray((), dtype=dtype, buffer=data)
@@ -135,7 +136,7 @@ def patch_header(path: Path, **fields: Any) -> None:
             header[name][int(index)] = value
         else:
             header[name] = value
-    path.write_bytes(gzip.compress(bytes(data), mtime=0))
+    path.write_bytes(gzip.compress(bytes(data), mtime=0) if compressed else bytes(data))
 
 
 def header(**fields: Any) -> Callable[[Path], None]:
