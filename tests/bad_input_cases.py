@@ -512,7 +512,7 @@ def _label_matrix() -> list[BadInput]:
         BadInput(
             "negative label", "verify", on_verify(LABEL, negative), "undeclared label values -1"
         ),
-        BadInput("negative label", "train", on_train(LABEL, negative), "outside 0..255"),
+        BadInput("negative label", "train", on_train(LABEL, negative), "negative label values"),
         BadInput(
             "undeclared label", "verify", on_verify(LABEL, undeclared), "undeclared label values 3"
         ),
@@ -599,7 +599,10 @@ def _checkpoint_matrix() -> list[BadInput]:
     config = _torch_save(lambda s, m: {**s, "config": {"bogus": 1}})
     return [
         BadInput(
-            "truncated checkpoint", "predict", with_checkpoint(truncate), "cannot read checkpoint"
+            "truncated checkpoint",
+            "predict",
+            with_checkpoint(truncate),
+            r"cannot read checkpoint \(not a complete torch zip file",
         ),
         BadInput(
             "foreign file as checkpoint", "predict", with_checkpoint(text), "cannot read checkpoint"
@@ -615,19 +618,19 @@ def _checkpoint_matrix() -> list[BadInput]:
             "pickle that runs code",
             "predict",
             with_checkpoint(_torch_save(code)),
-            "cannot read checkpoint",
+            r"cannot read checkpoint \(it holds pickled objects, .* refused, not loaded",
         ),
         BadInput(
             "truncated checkpoint",
             "train",
             with_checkpoint(truncate, resume=True),
-            "cannot read checkpoint",
+            r"cannot read checkpoint \(not a complete torch zip file",
         ),
         BadInput(
             "pickle that runs code",
             "train",
             with_checkpoint(_torch_save(code), True),
-            "cannot read checkpoint",
+            r"cannot read checkpoint \(it holds pickled objects, .* refused, not loaded",
         ),
         BadInput(
             "foreign weights", "train", with_checkpoint(weights, resume=True), "weights do not fit"

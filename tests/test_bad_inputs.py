@@ -66,7 +66,7 @@ def test_judge_fails_a_command_that_writes_or_prints_a_traceback(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_bad_input_rows_runs_outside_pytest_fixtures(tmp_path: Path) -> None:
+def test_bad_input_rows_report_each_case_handled_with_no_data_lost(tmp_path: Path) -> None:
     picked = [c for c in CASES if c.id in {"verify-pixdim zero", "train-alias bomb"}]
     rows = bad_input_rows(picked, workdir=tmp_path)
     assert [(r.command, r.fault, r.handled, r.data_lost) for r in rows] == [

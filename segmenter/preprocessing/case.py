@@ -152,7 +152,9 @@ def _as_label(label: np.ndarray, name: str) -> np.ndarray:
         raise InputError(f"{name}: label voxel type {label.dtype} is not numeric")
     if label.dtype.kind == "f" and (label != np.rint(label)).any():
         raise InputError(f"{name}: non-integer label values")
-    if label.size and (label.min() < 0 or label.max() > 255):
+    if label.size and label.min() < 0:
+        raise InputError(f"{name}: negative label values (down to {label.min():g})")
+    if label.size and label.max() > 255:
         raise InputError(f"{name}: label values outside 0..255")
     return label.astype(np.uint8)
 
