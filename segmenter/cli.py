@@ -416,6 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _clear_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so that its line starts on a clean line."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is None:
+        return
+    for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+        bar.close()
+
+
 #: System failures reported in one line (exit 1) instead of a traceback, and what to do.
 _SYSTEM_ERRNOS = {
     errno.ENOSPC: "free some space and rerun (outputs are written atomically: none was cut short)",
@@ -441,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except InputError as exc:
+        _clear_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

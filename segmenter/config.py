@@ -9,6 +9,8 @@ in milliseconds.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -418,6 +420,71 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 
+#: Most values a YAML text may expand to, an alias counted each time it is used: an alias bomb
+#: ("billion laughs") is refused before it is built. A config holds a few hundred at most.
+MAX_YAML_VALUES = 100_000
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring = 2, 6, 6, 80
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: its repr, cut short when long."""
+    return _SHORT.repr(value)
+
+
+def _expanded_size(root: yaml.Node) -> float:
+    """Values in the document ``root`` once every alias is expanded (inf for a cycle)."""
+    sizes: dict[int, float] = {}
+
+    def size(node: yaml.Node) -> float:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = math.inf  # an alias back into its own anchor never ends
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in node.value)
+        else:
+            total = 1
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing what would expand past :data:`MAX_YAML_VALUES`
+    values (alias bombs, recursive aliases) before building it.
+
+    Args:
+        text: the YAML text.
+        where: what to name in errors (a file, an override).
+
+    Raises:
+        ConfigError: invalid YAML, a tag that would construct an object, or too many values.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"{where}: YAML expands to more than {MAX_YAML_VALUES} values through its "
+                f"aliases (an alias bomb?)"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "parse error"
+        raise ConfigError(f"{where}: not valid YAML ({first})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML (nested too deeply)") from None
+    finally:
+        loader.dispose()
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -440,43 +507,45 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_shown(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
             valid = ", ".join(str(c) for c in choices)
-            raise ConfigError(f"{where}: {value!r} is not one of: {valid}")
+            raise ConfigError(f"{where}: {_shown(value)} is not one of: {valid}")
         return value
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {_shown(value)}")
         return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{where}: expected null, got {value!r}")
+            raise ConfigError(f"{where}: expected null, got {_shown(value)}")
         return None
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+            raise ConfigError(
+                f"{where}: expected a mapping of {tp.__name__} keys, got {_shown(value)}"
+            )
         return _build(tp, value, where)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {_shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_shown(value)}")
         return value
     if tp is float:
         if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "+inf"):
             return float("inf")
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_shown(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_shown(value)}")
         return value
     raise TypeError(f"unsupported config annotation {tp!r} at {where}")  # programming error
 
@@ -533,10 +602,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. loss.gamma=2)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        value = safe_yaml(raw, f"override {_shown(item)}: value") if raw.strip() else ""
         values.append((key, value))
     return apply_values(cfg, values)
 
@@ -574,18 +640,23 @@ def apply_values(cfg: Config, values: list[tuple[str, Any]] | dict[str, Any]) ->
 
 
 def read_yaml(path: Path, kind: str = "config") -> Any:
-    """``yaml.safe_load`` of a file, with one-line errors naming it.
+    """:func:`safe_yaml` of a file, with one-line errors naming it.
 
     Raises:
-        ConfigError: the file is missing or is not valid YAML.
+        ConfigError: the file is missing, a folder, not UTF-8 text or not valid YAML, or it
+            expands past :data:`MAX_YAML_VALUES` values.
     """
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a {kind} file")
     if not path.is_file():
         raise ConfigError(f"{path}: {kind} file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "parse error"
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a {kind} file (not UTF-8 text: {exc.reason} at byte {exc.start})"
+        ) from None
+    return safe_yaml(text, str(path))
 
 
 def load_config(

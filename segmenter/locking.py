@@ -72,4 +72,14 @@ class FolderLock:
             self._fd = None
 
 
-__all__ = ["LOCK_FILE", "FolderLock"]
+def remove_unused(folder: str | Path) -> None:
+    """Remove ``folder`` when it holds nothing but its lock file: what a command refused before
+    writing anything leaves behind when it created the folder itself."""
+    path = Path(folder)
+    if not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir()):
+        return
+    (path / LOCK_FILE).unlink(missing_ok=True)
+    path.rmdir()
+
+
+__all__ = ["LOCK_FILE", "FolderLock", "remove_unused"]

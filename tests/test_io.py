@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from segmenter.errors import InputError
 from segmenter.io import (
+    HeaderError,
     affines_close,
     read_image,
     read_info,
@@ -134,7 +135,7 @@ def test_truncated_nifti_is_input_error(tmp_path: Path, volume: np.ndarray) -> N
     path = write_image(tmp_path / "t.nii.gz", volume, np.eye(4))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match=r"t\.nii\.gz: cannot read image") as err:
+    with pytest.raises(InputError, match=r"t\.nii\.gz: header claims .* but the file holds") as err:
         read_image(path)
     assert "\n" not in str(err.value)
 
@@ -186,3 +187,33 @@ def test_helpers() -> None:
     assert affines_close(a, b)
     b[0, 3] += 0.1
     assert not affines_close(a, b)
+
+
+def _raw_header_edit(path: Path, **fields: float) -> None:
+    """Set raw NIfTI-1 header fields of an uncompressed ``.nii`` (no nibabel checks)."""
+    data = bytearray(path.read_bytes())
+    header = np.ndarray((), dtype=nib.nifti1.header_dtype, buffer=data)
+    for name, value in fields.items():
+        header[name] = value
+    path.write_bytes(bytes(data))
+
+
+def test_a_vox_offset_inside_the_header_is_refused_not_read_as_voxels(
+    tmp_path: Path, volume: np.ndarray
+) -> None:
+    # found by tests/header_fuzz.py: nibabel reads such a file from byte 0, header included
+    path = write_image(tmp_path / "v.nii", volume.astype(np.float32), np.eye(4))
+    _raw_header_edit(path, vox_offset=0.0)
+    with pytest.raises(HeaderError, match=r"v\.nii: vox_offset 0 lies inside the header"):
+        read_image(path)
+
+
+def test_a_scaling_past_float32_is_refused_not_read_as_inf(
+    tmp_path: Path, volume: np.ndarray
+) -> None:
+    # found by tests/header_fuzz.py: scl_slope 3.4e38 made every voxel inf after the cast
+    path = write_image(tmp_path / "s.nii", volume.astype(np.float32) + 2.0, np.eye(4))
+    _raw_header_edit(path, scl_slope=3.4e38)
+    assert np.isfinite(read_image(path).array).all()  # float64, as nibabel scales
+    with pytest.raises(HeaderError, match=r"s\.nii: voxel values up to .* exceed the float32"):
+        read_image(path, dtype=np.float32)

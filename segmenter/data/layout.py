@@ -54,11 +54,14 @@ class Case:
         case_id: the ``{case}`` part of the file names.
         images: one file per channel, in channel order (``_0000`` first).
         label: the label file, None for an unlabelled (test or prediction) case.
+        label_values: the values ``dataset.json`` declares (``labels``), which the label file
+            may hold; None when no dataset says (a case named on the command line).
     """
 
     case_id: str
     images: tuple[Path, ...]
     label: Path | None = None
+    label_values: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -275,7 +278,10 @@ def _scan_images(
     strays: list[Problem] = []
     for path in _visible_entries(folder):
         if path.is_dir():
-            strays.append(Problem(path, f"stray folder: {folder.name} holds only {pattern} files"))
+            if not _named_like_a_file(path, file_ending):  # else: a missing channel, said so
+                strays.append(
+                    Problem(path, f"stray folder: {folder.name} holds only {pattern} files")
+                )
             continue
         if not path.name.endswith(file_ending):
             if not _is_detached_data(path, file_ending):
@@ -301,6 +307,17 @@ def _scan_images(
     return cases, problems, strays
 
 
+def _named_like_a_file(path: Path, file_ending: str) -> bool:
+    """Whether ``path`` has the name of a channel file ``{case}_{XXXX}{file_ending}``."""
+    name = path.name
+    return name.endswith(file_ending) and bool(_CHANNEL_RE.match(name[: -len(file_ending)]))
+
+
+def _folder_note(path: Path) -> str:
+    """`` (a folder has its name)`` when the missing file's name is taken by a folder."""
+    return " (a folder has its name)" if path.is_dir() else ""
+
+
 def _missing_channels(
     folder: Path,
     case_id: str,
@@ -314,11 +331,13 @@ def _missing_channels(
         names = channel_names
     return [
         Problem(
-            folder / f"{case_id}_{c:04d}{file_ending}",
-            f"missing channel {c}{f' ({name})' if name else ''} of case {case_id}",
+            path,
+            f"missing channel {c}{f' ({name})' if name else ''} of case {case_id}"
+            + _folder_note(path),
         )
         for c, name in names.items()
         if c not in images
+        for path in [folder / f"{case_id}_{c:04d}{file_ending}"]
     ]
 
 
@@ -328,7 +347,10 @@ def _scan_labels(folder: Path, file_ending: str) -> tuple[dict[str, Path], list[
     pattern = f"{{case}}{file_ending}"
     for path in _visible_entries(folder):
         if path.is_dir():
-            strays.append(Problem(path, f"stray folder: {folder.name} holds only {pattern} files"))
+            if not path.name.endswith(file_ending):  # else: a missing label, said so
+                strays.append(
+                    Problem(path, f"stray folder: {folder.name} holds only {pattern} files")
+                )
         elif path.name.endswith(file_ending) and len(path.name) > len(file_ending):
             labels[path.name[: -len(file_ending)]] = path
         elif not _is_detached_data(path, file_ending):
@@ -370,8 +392,9 @@ def _pair(
                 )
             )
         if entry.label is None and labels_required:
+            path = labels_dir / f"{case_id}{file_ending}"
             entry.problems.append(
-                Problem(labels_dir / f"{case_id}{file_ending}", f"missing label of case {case_id}")
+                Problem(path, f"missing label of case {case_id}{_folder_note(path)}")
             )
         entries.append(entry)
     return entries, problems, strays
@@ -429,8 +452,9 @@ def _raise_first(problems: Sequence[Problem], root: Path) -> None:
     raise InputError(str(problems[0]) + (tail if more else ""))
 
 
-def _to_case(entry: _Entry, n_channels: int) -> Case:
-    return Case(entry.case_id, tuple(entry.images[c] for c in range(n_channels)), entry.label)
+def _to_case(entry: _Entry, n_channels: int, labels: Mapping[str, int]) -> Case:
+    images = tuple(entry.images[c] for c in range(n_channels))
+    return Case(entry.case_id, images, entry.label, tuple(sorted(labels.values())))
 
 
 def find_cases(folder: str | Path, n_channels: int, file_ending: str) -> tuple[Case, ...]:
@@ -494,8 +518,8 @@ def load_dataset(root: str | Path) -> Dataset:
         labels=meta.labels,
         file_ending=meta.file_ending,
         num_training=meta.num_training,
-        training=tuple(_to_case(e, n) for e in layout.train),
-        test=tuple(_to_case(e, n) for e in layout.test),
+        training=tuple(_to_case(e, n, meta.labels) for e in layout.train),
+        test=tuple(_to_case(e, n, meta.labels) for e in layout.test),
     )
 
 

@@ -3,7 +3,9 @@
 :func:`verify_dataset` lists the layout problems :mod:`segmenter.data.layout` finds (it stops at the
 first one; this reports them all) and then opens each file: header geometry first, then the
 voxels. Every message starts with a fixed phrase, so a report can be grepped; besides the
-layout phrases of :mod:`segmenter.data.layout`: ``unreadable``, ``4D image`` (or ``2D image``...),
+layout phrases of :mod:`segmenter.data.layout`: ``unreadable``, ``bad header`` (a header field
+:mod:`segmenter.io` refuses: voxel sizes, transforms, qform/sform, scaling, voxel type),
+``4D image`` (or ``2D image``...),
 ``shape mismatch``, ``spacing mismatch``, ``affine mismatch``, ``NaN voxels``, ``inf voxels``,
 ``non-integer label values``, ``undeclared label values``.
 """
@@ -38,6 +40,12 @@ def _own_message(exc: InputError, path: Path) -> str:
     text = str(exc)
     prefix = f"{path}: "
     return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _unreadable(exc: InputError, path: Path) -> Problem:
+    """The problem line of a file :mod:`segmenter.io` refused."""
+    phrase = "bad header" if isinstance(exc, io.HeaderError) else "unreadable"
+    return Problem(path, f"{phrase}: {_own_message(exc, path)}")
 
 
 def _spatial_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -145,7 +153,7 @@ def _check_entry(entry: _Entry, declared: frozenset[int] | None) -> list[Problem
         try:
             info = io.read_info(path)
         except InputError as exc:
-            problems.append(Problem(path, f"unreadable: {_own_message(exc, path)}"))
+            problems.append(_unreadable(exc, path))
             continue
         spatial = _spatial_shape(info.shape)
         if len(spatial) != 3:
@@ -166,7 +174,7 @@ def _check_entry(entry: _Entry, declared: frozenset[int] | None) -> list[Problem
         try:
             array = io.read_image(path, ndim=3).array
         except InputError as exc:
-            problems.append(Problem(path, f"unreadable: {_own_message(exc, path)}"))
+            problems.append(_unreadable(exc, path))
             continue
         n_nan, n_inf = _non_finite(array)
         if n_nan:

@@ -13,6 +13,7 @@ written with the input's geometry.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -26,12 +27,14 @@ from segmenter.errors import InputError
 from segmenter.evaluation.postprocess import probabilities_to_mask
 from segmenter.inference.predictor import Predictor
 from segmenter.inference.sliding_window import foreground_probability, predict_logits
-from segmenter.io import Image, is_image_file, strip_suffix, suffix_of, write_like
-from segmenter.locking import FolderLock
+from segmenter.io import Image, is_image_file, read_info, strip_suffix, suffix_of, write_like
+from segmenter.locking import FolderLock, remove_unused
 from segmenter.planning.run_plan import RunPlan
 from segmenter.preprocessing.case import preprocess_arrays, read_case
 
 PROBABILITY_FOLDER = "probabilities"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,13 +87,17 @@ def collect_cases(inputs: Sequence[str | Path], predictor: Predictor) -> list[Ca
         if not cases:
             raise InputError(f"{folder}: no cases named CASE_XXXX{endings[0]} found")
         return list(cases)
-    if any(p.is_dir() for p in paths):
-        raise InputError("--input takes one folder, or one file per channel (not both)")
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise InputError(
+            f"{folders[0]}: is a folder; --input takes one folder, or one file per channel "
+            f"(not both)"
+        )
     if len(paths) != n_channels:
         names = ", ".join(predictor.channel_names)
         raise InputError(
-            f"the model expects {n_channels} channel(s) ({names}) but {len(paths)} input "
-            f"file(s) were given; pass one file per channel in that order"
+            f"{paths[0]}: the model expects {n_channels} channel(s) ({names}) but {len(paths)} "
+            f"input file(s) were given; pass one file per channel in that order"
         )
     case_id = strip_suffix(paths[0])
     if len(case_id) > 5 and case_id[-5] == "_" and case_id[-4:].isdigit():
@@ -132,13 +139,49 @@ def ensemble(predictor: Predictor | Sequence[Predictor]) -> list[Predictor]:
     return models
 
 
+def _warn_constant_channels(case: Case, images: Sequence[Image]) -> bool:
+    """Warn about each channel whose voxels all hold one value (an empty or blank scan).
+
+    Returns:
+        Whether any channel has contrast (more than one value).
+    """
+    varied = False
+    for path, img in zip(case.images, images, strict=True):
+        low, high = float(img.array.min()), float(img.array.max())
+        if low == high:
+            logger.warning("%s: every voxel is %g (an empty scan?)", path, low)
+        varied = varied or low != high
+    return varied
+
+
+def check_headers(cases: Sequence[Case]) -> None:
+    """Read every input's header before anything is written, so that a broken file refuses the
+    whole call instead of stopping it halfway through a folder.
+
+    Raises:
+        InputError: an unreadable file or header, or one that is not a 3D volume.
+    """
+    for case in cases:
+        for path in case.images:
+            info = read_info(path)
+            spatial = info.shape
+            while len(spatial) > 3 and spatial[-1] == 1:
+                spatial = spatial[:-1]
+            if len(spatial) != 3:
+                raise InputError(
+                    f"{path}: expected a 3D volume, got {len(spatial)}D shape {info.shape}"
+                )
+
+
 def predict_probability(
     predictor: Predictor | Sequence[Predictor], case: Case, options: PredictOptions
 ) -> tuple[np.ndarray, Image]:
     """Foreground probabilities of one case on its own grid, averaged over the models.
 
     Each model applies its own run's preprocessing (crop, target spacing), and its
-    probabilities are brought back to the scan's grid before averaging.
+    probabilities are brought back to the scan's grid before averaging. A channel whose voxels
+    all hold one value is warned about; when every channel does (an all-zero scan), the
+    probabilities are 0 without running the models, so its mask is empty.
 
     Returns:
         ``(X, Y, Z)`` float32 probabilities and the case's channel 0 (its geometry).
@@ -154,6 +197,9 @@ def predict_probability(
             f"{case.images[0]}: the model expects {n_channels} channel(s), "
             f"the case has {len(images)}"
         )
+    if not _warn_constant_channels(case, images):
+        logger.warning("%s: every channel is constant: its mask is empty", case.case_id)
+        return np.zeros(images[0].array.shape, dtype=np.float32), images[0]
     total: np.ndarray | None = None
     for model in models:
         pre = preprocess_arrays(
@@ -210,9 +256,16 @@ def predict_all(
     cases = collect_cases(inputs, predictor[0])
     single = len(inputs) >= 1 and not Path(inputs[0]).is_dir()
     paths = output_paths(cases, output, single_file_ok=single)
+    check_headers(cases)
     iterable: Iterable[Case] = cases
     if progress is not None:
         iterable = progress(cases, len(cases))
     one_file = list(paths.values()) == [Path(output)]
-    with contextlib.nullcontext() if one_file else FolderLock(output, "predict"):
-        return [predict_case(predictor, c, paths[c.case_id], options) for c in iterable]
+    created = not Path(output).exists()
+    try:
+        with contextlib.nullcontext() if one_file else FolderLock(output, "predict"):
+            return [predict_case(predictor, c, paths[c.case_id], options) for c in iterable]
+    except InputError:
+        if created and not one_file:
+            remove_unused(Path(output))  # refused before any mask: leave no empty folder
+        raise

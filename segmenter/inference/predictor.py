@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,6 +79,46 @@ def build_from_plan(config: Config, plan: RunPlan) -> UNet3d:
     )
 
 
+def load_weights(model: torch.nn.Module, weights: Any, path: Path) -> None:
+    """Load a checkpoint's ``model`` entry into ``model`` (strict).
+
+    Raises:
+        InputError: the weights do not fit the network (foreign or damaged checkpoint).
+    """
+    try:
+        model.load_state_dict(weights)
+    except Exception as exc:  # torch raises RuntimeError, TypeError, ... for foreign weights
+        detail = " ".join(line.strip() for line in str(exc).splitlines()) or type(exc).__name__
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise InputError(
+            f"{path}: its weights do not fit the network its config and plan describe ({detail})"
+        ) from None
+
+
+def model_from_checkpoint(path: Path, state: dict[str, Any]) -> tuple[Config, RunPlan, UNet3d]:
+    """The config, plan and network (its weights loaded) that a loaded checkpoint describes.
+
+    Args:
+        path: the checkpoint file, named in errors.
+        state: what :func:`segmenter.nn.checkpoint.load_checkpoint` returned for it.
+
+    Raises:
+        InputError: a config, plan or weights that do not make a network (one line naming
+            ``path``).
+    """
+    try:
+        config = config_from_dict(state["config"])
+    except InputError as exc:
+        raise InputError(f"{path}: bad config in the checkpoint ({exc})") from None
+    plan = RunPlan.from_json(state["plan"], source=str(path))
+    try:
+        model = build_from_plan(config, plan)
+    except Exception as exc:  # a foreign plan can describe no network at all
+        raise InputError(f"{path}: its config and plan describe no network ({exc})") from None
+    load_weights(model, state["model"], path)
+    return config, plan, model
+
+
 def _tuned_postprocessing(plan: RunPlan, path: Path) -> RunPlan:
     """``plan`` with the threshold and minimum lesion size of a ``postprocessing.json``."""
     try:
@@ -94,19 +135,17 @@ def load_predictor(run_dir: str | Path, *, device: str = "auto", which: str = "b
     out-of-fold predictions), its threshold and minimum lesion size replace the run's own.
 
     Raises:
-        InputError: missing run folder or checkpoint, unreadable checkpoint or plan.
+        InputError: missing run folder or checkpoint, unreadable checkpoint, or a config, plan or
+            weights in it that do not make the network.
     """
     path = find_checkpoint(run_dir, which)
     dev = resolve_device(device)
     state = load_checkpoint(path, map_location=dev)
-    config = config_from_dict(state["config"])
-    plan = RunPlan.from_json(state["plan"], source=str(path))
+    config, plan, model = model_from_checkpoint(path, state)
     tuned = Path(run_dir) / POSTPROCESSING_FILE
     post_file = tuned if tuned.is_file() else None
     if post_file is not None:
         plan = _tuned_postprocessing(plan, post_file)
-    model = build_from_plan(config, plan)
-    model.load_state_dict(state["model"])
     model.place(dev).eval()
     dtype = autocast_dtype(config.train.precision, dev)
     return Predictor(

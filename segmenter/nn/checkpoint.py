@@ -41,6 +41,20 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def _why_unreadable(exc: Exception) -> str:
+    """torch's reason a file did not load, in a few words."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        return (
+            "it holds pickled objects, and loading them could run code: refused, not loaded; "
+            "a segmenter checkpoint holds only tensors and plain values"
+        )
+    if "central directory" in text or "zip archive" in text:
+        return "not a complete torch zip file: truncated or another format"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:160] if lines else repr(exc)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``.
 
@@ -53,8 +67,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        text = str(exc).strip().splitlines()
-        raise InputError(f"{p}: cannot read checkpoint ({text[0] if text else exc!r})") from None
+        raise InputError(f"{p}: cannot read checkpoint ({_why_unreadable(exc)})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise InputError(f"{p}: not a segmenter checkpoint (missing keys)")
     if state["format"] != FORMAT_VERSION:

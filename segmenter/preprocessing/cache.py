@@ -36,10 +36,13 @@ CACHE_VERSION = 1
 
 
 def cache_key(case: Case, spec: PreprocessingSpec) -> str:
-    """16 hex digits identifying the case's files and the preprocessing settings
+    """16 hex digits identifying the case's files, the label values its dataset declares (a
+    label is checked against them when it is read) and the preprocessing settings
     (:meth:`PreprocessingSpec.cache_settings`)."""
     h = hashlib.sha256()
     settings = {"version": CACHE_VERSION, **spec.cache_settings()}
+    if case.label_values is not None:
+        settings["label_values"] = list(case.label_values)
     h.update(json.dumps(settings, sort_keys=True).encode())
     for path in [*case.images, *([case.label] if case.label is not None else [])]:
         st = os.stat(path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -151,7 +152,9 @@ def _as_label(label: np.ndarray, name: str) -> np.ndarray:
         raise InputError(f"{name}: label voxel type {label.dtype} is not numeric")
     if label.dtype.kind == "f" and (label != np.rint(label)).any():
         raise InputError(f"{name}: non-integer label values")
-    if label.size and (label.min() < 0 or label.max() > 255):
+    if label.size and label.min() < 0:
+        raise InputError(f"{name}: negative label values (down to {label.min():g})")
+    if label.size and label.max() > 255:
         raise InputError(f"{name}: label values outside 0..255")
     return label.astype(np.uint8)
 
@@ -223,11 +226,41 @@ def preprocess_arrays(
     )
 
 
+def _check_grid(path: Path, img: io.Image, ref: io.Image, what: str) -> None:
+    """Refuse a file whose voxel grid (shape, then affine) is not channel 0's."""
+    assert ref.path is not None
+    if img.array.shape != ref.array.shape:
+        raise InputError(
+            f"{path}: {what}shape {io.describe(img.array.shape)} differs from channel 0 "
+            f"{ref.path.name} shape {io.describe(ref.array.shape)}"
+        )
+    if not io.affines_close(img.affine, ref.affine):
+        origin = float(np.abs(img.affine[:3, 3] - ref.affine[:3, 3]).max())
+        axes = float(np.abs(img.affine[:3, :3] - ref.affine[:3, :3]).max())
+        raise InputError(
+            f"{path}: {what}grid differs from channel 0 {ref.path.name} (origin off by "
+            f"{origin:.3g} mm, axes by {axes:.3g} mm): resample it onto channel 0's grid"
+        )
+
+
+def _check_declared(label: np.ndarray, path: Path, declared: Sequence[int]) -> None:
+    """Refuse label values that ``dataset.json`` does not declare."""
+    present = np.flatnonzero(np.bincount(label.ravel(), minlength=1))
+    outside = [int(v) for v in present if int(v) not in declared]
+    if outside:
+        shown = ", ".join(str(v) for v in outside[:5]) + (", ..." if len(outside) > 5 else "")
+        allowed = ", ".join(str(v) for v in declared)
+        raise InputError(
+            f"{path}: undeclared label values {shown} (dataset.json labels: {allowed})"
+        )
+
+
 def read_case(case: Case, *, with_label: bool = True) -> tuple[list[io.Image], np.ndarray | None]:
     """Read a case's channels (float32) and label, checked against channel 0.
 
     Args:
-        case: a :class:`segmenter.data.layout.Case` (channel files in order, label or None).
+        case: a :class:`segmenter.data.layout.Case` (channel files in order, label or None,
+            the label values its dataset declares or None).
         with_label: also read ``case.label`` (when it has one).
 
     Returns:
@@ -235,30 +268,24 @@ def read_case(case: Case, *, with_label: bool = True) -> tuple[list[io.Image], n
         the ``(X, Y, Z)`` uint8 label, or None.
 
     Raises:
-        InputError: unreadable file, a channel or label whose shape differs from channel 0,
-            NaN/inf voxels, bad label values; one line naming the file.
+        InputError: unreadable file, a channel or label on another grid than channel 0 (shape
+            or affine), NaN/inf voxels, bad or undeclared label values; one line naming the file.
     """
     images = [io.read_image(case.images[0], dtype=np.float32)]
-    shape = images[0].array.shape
     for path in case.images[1:]:
         img = io.read_image(path, dtype=np.float32)
-        if img.array.shape != shape:
-            raise InputError(
-                f"{path}: shape {io.describe(img.array.shape)} differs from channel 0 "
-                f"{case.images[0].name} shape {io.describe(shape)}"
-            )
+        _check_grid(path, img, images[0], "")
         images.append(img)
     for path, img in zip(case.images, images, strict=True):
         _check_finite(img.array, str(path))
     if not with_label or case.label is None:
         return images, None
-    label = io.read_image(case.label).array
-    if label.shape != shape:
-        raise InputError(
-            f"{case.label}: label shape {io.describe(label.shape)} differs from image "
-            f"{case.images[0].name} shape {io.describe(shape)}"
-        )
-    return images, _as_label(label, str(case.label))
+    label_img = io.read_image(case.label)
+    _check_grid(case.label, label_img, images[0], "label ")
+    label = _as_label(label_img.array, str(case.label))
+    if case.label_values is not None:
+        _check_declared(label, case.label, case.label_values)
+    return images, label
 
 
 def preprocess_case(case: Case, spec: PreprocessingSpec | None = None) -> PreprocessedCase:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -45,7 +46,7 @@ from segmenter.data.layout import Dataset, load_dataset
 from segmenter.data.splits import make_splits, resolve_dataset
 from segmenter.errors import InputError
 from segmenter.evaluation import report
-from segmenter.inference.predictor import build_from_plan
+from segmenter.inference.predictor import build_from_plan, load_weights, model_from_checkpoint
 from segmenter.locking import FolderLock
 from segmenter.nn.checkpoint import load_checkpoint, save_checkpoint
 from segmenter.nn.losses import build_loss
@@ -204,8 +205,9 @@ def _set_up(
 
 def _restore(session: _Session) -> TrainState:
     """The state of ``last.pt``, its weights, optimiser and RNG loaded into the session."""
-    ckpt = load_checkpoint(session.run / "checkpoints" / "last.pt", map_location=session.device)
-    session.model.load_state_dict(ckpt["model"])
+    path = session.run / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(path, map_location=session.device)
+    load_weights(session.model, ckpt["model"], path)
     session.step.optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     state = TrainState.from_checkpoint(ckpt)
@@ -369,7 +371,9 @@ def fit(
             is saved; True ends the run there (it can be resumed later), e.g. from a notebook.
 
     Raises:
-        InputError: bad dataset, fold or resume state.
+        InputError: bad dataset, fold or resume state (a damaged ``last.pt`` is refused before
+            the run folder is touched); a run folder this call created is removed again when
+            it is refused before the first checkpoint.
     """
     run = Path(run_dir)
     last_path = run / "checkpoints" / "last.pt"
@@ -377,19 +381,27 @@ def fit(
         raise InputError(f"{run}: nothing to resume (no checkpoints/last.pt)")
     if not resume and last_path.exists():
         raise InputError(f"{run}: already holds a trained run (use --resume or another --out)")
+    if resume:  # a damaged last.pt refuses before the run folder is touched
+        model_from_checkpoint(last_path, load_checkpoint(last_path))
     dataset = _training_dataset(cfg, fold)
-    with FolderLock(run, "train"):
-        handler = logging.FileHandler(run / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        pkg_log = logging.getLogger("segmenter")
-        pkg_log.addHandler(handler)
-        try:
-            session = _set_up(cfg, dataset, run, fold=fold, progress=progress)
-            state = _restore(session) if resume else TrainState()
-            return _train(session, state, progress=progress, should_stop=should_stop)
-        finally:
-            pkg_log.removeHandler(handler)
-            handler.close()
+    created = not run.exists()
+    try:
+        with FolderLock(run, "train"):
+            handler = logging.FileHandler(run / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            pkg_log = logging.getLogger("segmenter")
+            pkg_log.addHandler(handler)
+            try:
+                session = _set_up(cfg, dataset, run, fold=fold, progress=progress)
+                state = _restore(session) if resume else TrainState()
+                return _train(session, state, progress=progress, should_stop=should_stop)
+            finally:
+                pkg_log.removeHandler(handler)
+                handler.close()
+    except InputError:
+        if created and not (run / "checkpoints").exists():
+            shutil.rmtree(run, ignore_errors=True)  # refused in set-up: no half-made run folder
+        raise
 
 
 def _train(

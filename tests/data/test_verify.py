@@ -121,7 +121,7 @@ LABEL = "labelsTr/case_b.nii.gz"
         ),
         (IMG, as_4d, "4D image: shape 8x9x10x2, expected 3D"),
         (IMG, as_2d, "2D image: shape 8x9, expected 3D"),
-        (IMG, truncate, "unreadable: cannot read image ("),
+        (IMG, truncate, "unreadable: header claims 8x9x10 voxels (2.88 kB from byte 352) but"),
         (LABEL, truncate, "unreadable: cannot read image"),  # header or voxels
         (IMG, random_bytes, "unreadable: cannot read image header ("),
     ],
@@ -160,7 +160,8 @@ def test_verify_rejects_complex_labels(dataset: Path) -> None:
     data = np.asarray(img.dataobj).astype(np.complex64)
     nib.save(nib.Nifti1Image(data, img.affine), path)
     assert messages(verify_dataset(dataset), dataset) == [
-        "~/labelsTr/case_b.nii.gz: non-integer label values: complex voxel type complex64"
+        "~/labelsTr/case_b.nii.gz: bad header: complex voxels (complex64) are not supported: "
+        "store the magnitude as a real-valued image"
     ]
 
 
@@ -249,4 +250,4 @@ def test_broken_copy_of_a_real_dataset(tmp_path: Path) -> None:
     found = messages(verify_dataset(root), root)
     assert len(found) == 2, found
     assert found[0] == f"~/imagesTr/{first}_0002.nii.gz: missing channel 2 (T1POST) of case {first}"
-    assert found[1].startswith(f"~/imagesTr/{second}_0003.nii.gz: unreadable: cannot read image (")
+    assert found[1].startswith(f"~/imagesTr/{second}_0003.nii.gz: unreadable: header claims ")
