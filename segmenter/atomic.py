@@ -1,16 +1,24 @@
 """Atomic file writes: write to a temporary file beside the target, then rename.
 
-A crash or a bad input never leaves a half-written output under the final name.
+A crash or a bad input never leaves a half-written output under the final name. A process killed
+mid-write (SIGKILL, power loss) can leave its temporary file, ``.NAME.XXXXXXXX.tmp[.EXT]``, beside
+the target; :func:`remove_stale_temporaries` deletes those once no writer can be running (under
+the folder's lock, :mod:`segmenter.locking`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+#: The names :func:`atomic_path` gives its temporary files: a dot, the target's name, the eight
+#: random characters of :func:`tempfile.mkstemp`, ``.tmp`` and the target's extension.
+TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)*$")
 
 
 def _suffixes(path: Path) -> str:
@@ -59,3 +67,26 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return Path(dst)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files (:data:`TEMPORARY_NAME`) that killed writers left in ``folder``
+    and below.
+
+    Only call it while no writer of ours can be running there, i.e. while holding the folder's
+    lock: a live writer's temporary file looks the same.
+
+    Args:
+        folder: the output folder (a missing one holds nothing).
+
+    Returns:
+        The files removed, sorted.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    stale = sorted(p for p in root.rglob(".*.tmp*") if TEMPORARY_NAME.match(p.name) and p.is_file())
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale

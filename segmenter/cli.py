@@ -2,8 +2,11 @@
 
 The only module that reads argv, sets up logging and picks exit codes: 0 ok, 2 bad input or
 usage, 1 internal error or a system failure (a full disk, a read-only folder: one line, no
-traceback), 130 interrupted. Sub-commands import their modules lazily so that ``segmenter evaluate``
-and ``segmenter verify`` start without importing torch.
+traceback), 130 interrupted by SIGINT (Ctrl-C), 143 stopped by SIGTERM. Training (``train``,
+``crossval``, ``compare``) takes either signal as a request to stop at the next safe point: it
+saves its progress and prints one line naming where it stopped and the command that resumes.
+Sub-commands import their modules lazily so that ``segmenter evaluate`` and ``segmenter verify``
+start without importing torch.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -19,7 +23,7 @@ from typing import Any, TypeVar
 
 from segmenter import __version__
 from segmenter.config import PRESET_NAMES
-from segmenter.errors import InputError
+from segmenter.errors import InputError, Interrupted
 
 T = TypeVar("T")
 log = logging.getLogger("segmenter")
@@ -434,9 +438,21 @@ _SYSTEM_ERRNOS = {
 }
 
 
+def _resume_hint(args: argparse.Namespace, argv: Sequence[str], folder: Path) -> str:
+    """How to continue a run stopped by a signal: ``train --resume`` for ``train``; rerunning
+    the command for ``crossval`` and ``compare``, which keep what they finished."""
+    if args.command == "train":
+        return f"; resume with: segmenter train --resume --out {shlex.quote(str(folder))}"
+    if args.command in ("crossval", "compare"):
+        return f"; resume with: segmenter {shlex.join(argv)}"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input or usage, 1 internal error or a
-    system failure such as a full disk, 130 interrupted)."""
+    system failure such as a full disk, 130 interrupted by SIGINT, 143 stopped by SIGTERM:
+    ``128 + signal``, as shells report)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -453,6 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _clear_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:  # a stop signal, honoured at a safe point with the progress saved
+        print(f"{exc}{_resume_hint(args, argv, exc.folder)}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -6,13 +6,21 @@ line naming the holder (exit code 2) instead of both writing the same files. The
 ``flock`` on ``FOLDER/.segmenter.lock``: the kernel releases it when the holder's process ends
 in any way (SIGKILL included), so a stale lock file never blocks a rerun; the file itself stays
 (a hidden one-line note of the last holder).
+
+A forked child (a DataLoader worker) would share the lock, and a holder killed with SIGKILL would
+then keep its folder locked until its orphaned workers noticed and exited (seconds), refusing
+an immediate ``--resume`` in the name of a dead process. So the lock is closed in every child
+forked while it is held (``os.register_at_fork``): only the process that took it holds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -58,6 +66,7 @@ class FolderLock:
         note = f"segmenter {self.command} (pid {os.getpid()}, since {time.strftime('%H:%M:%S')})"
         os.pwrite(fd, note.encode() + b"\n", 0)
         self._fd = fd
+        os.register_at_fork(after_in_child=_close_in_child(weakref.ref(self)))
         return self
 
     def __exit__(
@@ -80,6 +89,20 @@ def remove_unused(folder: str | Path) -> None:
         return
     (path / LOCK_FILE).unlink(missing_ok=True)
     path.rmdir()
+
+
+def _close_in_child(ref: weakref.ReferenceType[FolderLock]) -> Callable[[], None]:
+    """An after-fork hook: the child's copy of the lock lets go of the file (closing the child's
+    descriptor releases nothing while the parent's stays open)."""
+
+    def close() -> None:
+        lock = ref()
+        if lock is not None and lock._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock._fd)
+            lock._fd = None
+
+    return close
 
 
 __all__ = ["LOCK_FILE", "FolderLock", "remove_unused"]

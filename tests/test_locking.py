@@ -3,6 +3,8 @@ and a killed holder leaves nothing stuck."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -37,6 +39,34 @@ def test_a_killed_holder_leaves_the_folder_free(tmp_path: Path) -> None:
     assert (tmp_path / LOCK_FILE).is_file()  # the file stays, the lock does not
     with FolderLock(tmp_path, "train"):
         pass
+
+
+def test_a_killed_holders_forked_children_do_not_keep_the_folder_locked(tmp_path: Path) -> None:
+    # A DataLoader worker outlives a SIGKILLed trainer by seconds; it must not hold the lock.
+    holder = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from segmenter.locking import FolderLock
+        lock = FolderLock({str(tmp_path)!r}, "train").__enter__()
+        child = os.fork()
+        if child == 0:  # lets go of the test's pipes, then lingers
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            time.sleep(60)
+            os._exit(0)
+        print(child, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    run = subprocess.run([sys.executable, "-c", holder], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    orphan = int(run.stdout)
+    try:
+        assert run.returncode == -9
+        os.kill(orphan, 0)  # the forked child still runs
+        with FolderLock(tmp_path, "train"):
+            pass
+    finally:
+        os.kill(orphan, signal.SIGKILL)
 
 
 def test_commands_on_a_folder_in_use_exit_2_with_one_line(

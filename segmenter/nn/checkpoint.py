@@ -8,7 +8,10 @@ so ``torch.load(path, weights_only=True)`` reads it safely:
 - ``epoch`` (completed epochs), ``step`` (optimiser steps), ``best_metric``, ``best_epoch``;
 - ``config``: the resolved config as a plain dict; ``plan``: patch size, channels, the label map,
   normalisation and preprocessing facts predict must repeat;
-- ``rng``: torch RNG state, so a resumed run continues exactly.
+- ``rng``: torch RNG state, so a resumed run continues exactly;
+- ``epoch_progress`` (from a mid-epoch stop; absent at an epoch boundary and in older runs): the
+  steps done in the unfinished epoch and their losses
+  (:class:`segmenter.training.state.EpochProgress`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ One run trains one fold:
   build the model, loss and optimiser;
 - **restore** (``--resume``): the :class:`~segmenter.training.state.TrainState` of ``last.pt``,
   the weights, the optimiser and the RNG, so the run continues exactly (the loader is seeded
-  per epoch, so the patches are the same too);
+  per epoch, so the patches are the same too; inside an epoch, the batches already used are
+  skipped);
 - **epoch**: a fixed number of optimiser steps on random patches (foreground-oversampled,
   augmented; :mod:`segmenter.training.sampling`), the learning rate following
   :mod:`segmenter.training.schedule`;
@@ -17,6 +18,14 @@ One run trains one fold:
   (``train.max_minutes``) ends training at an epoch boundary, after a last validation, and the
   schedule then runs on the budget's clock so it still decays to zero;
 - **finish**: the threshold tuned on the best checkpoint's validation output.
+
+Stops: SIGINT and SIGTERM (:mod:`segmenter.interrupts`) are honoured at the next safe point:
+after the optimiser step in progress, or before the next case of a validation in progress (the
+validation is then redone on resume). ``last.pt`` then holds the steps done in the epoch and
+their losses, and :class:`~segmenter.errors.Interrupted` tells the CLI to exit 130 or 143. A
+run killed outright (SIGKILL, a power cut) loses at most what followed its last ``last.pt``:
+every file is written atomically, and the temporary files of writes it cut short are removed
+when a run next takes the folder.
 
 Run folder: ``config.yaml`` (resolved), ``splits.json``, ``plan.json``,
 ``checkpoints/{best,last}.pt``, ``metrics.csv`` (one row per epoch), ``summary.json`` and
@@ -34,19 +43,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 
 from segmenter import plots
-from segmenter.atomic import write_text
+from segmenter.atomic import remove_stale_temporaries, write_text
 from segmenter.config import ChannelNormalization, Config, save_config
 from segmenter.data.layout import Dataset, load_dataset
 from segmenter.data.splits import make_splits, resolve_dataset
-from segmenter.errors import InputError
+from segmenter.errors import InputError, Interrupted
 from segmenter.evaluation import report
 from segmenter.inference.predictor import build_from_plan, load_weights, model_from_checkpoint
+from segmenter.interrupts import StopRequest, stop_requests
 from segmenter.locking import FolderLock
 from segmenter.nn.checkpoint import load_checkpoint, save_checkpoint
 from segmenter.nn.losses import build_loss
@@ -211,7 +221,9 @@ def _restore(session: _Session) -> TrainState:
     session.step.optimizer.load_state_dict(ckpt["optimizer"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     state = TrainState.from_checkpoint(ckpt)
-    log.info("resumed from epoch %d, step %d", state.epoch, state.step)
+    done = state.progress.steps
+    inside = f" ({done} steps into epoch {state.epoch + 1})" if done else ""
+    log.info("resumed after epoch %d, step %d%s", state.epoch, state.step, inside)
     return state
 
 
@@ -246,13 +258,48 @@ class _Clock:
         return self.budget is not None and self.elapsed() + epoch_s + self.val_seconds > self.budget
 
 
-def _epoch_batches(session: _Session, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The epoch's batches. One loader per epoch, seeded by the epoch number (what makes
-    --resume exact); its iterator starts the workers at once, so the next epoch's is made one
-    epoch early and its first batches are ready when that epoch starts."""
+def _epoch_batches(
+    session: _Session, epoch: int, skip: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Epoch ``epoch``'s batches (0-based). One loader per epoch, seeded by the epoch number
+    (what makes --resume exact). After a mid-epoch stop ``skip`` steps of the epoch were done:
+    the batches they used are drawn again and dropped, so the epoch goes on with the batches it
+    would have had (none at all when every step was done)."""
     cfg = session.cfg
+    if skip >= cfg.train.iterations_per_epoch:
+        return iter(())
     seed = cfg.train.seed * 100_003 + epoch
-    return iter(make_loader(session.train_cases, cfg.data, cfg.augment, seed=seed))
+    batches = iter(make_loader(session.train_cases, cfg.data, cfg.augment, seed=seed))
+    for _ in range(skip):
+        next(batches)
+    return batches
+
+
+@dataclass
+class _Loaders:
+    """The running epoch's batches and the next epoch's. An iterator starts its workers at once,
+    so the next epoch's is made one epoch early and its first batches are ready when that epoch
+    starts; dropping an iterator stops its workers."""
+
+    session: _Session
+    current: Iterator[dict[str, torch.Tensor]] | None = None
+    upcoming: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def start_epoch(self, state: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        """The unfinished epoch's batches from where its progress stopped; the next epoch's
+        loader starts."""
+        done = state.progress.steps
+        if self.upcoming is not None and done == 0:
+            self.current = self.upcoming
+        else:
+            self.current = _epoch_batches(self.session, state.epoch, skip=done)
+        more = state.epoch + 1 < self.session.cfg.train.epochs
+        self.upcoming = _epoch_batches(self.session, state.epoch + 1) if more else None
+        return self.current
+
+    def close(self) -> None:
+        """Stop every worker."""
+        self.current = self.upcoming = None
 
 
 def _train_epoch(
@@ -262,14 +309,16 @@ def _train_epoch(
     clock: _Clock,
     *,
     bar: Any,
-) -> dict[str, float]:
-    """One epoch of optimiser steps; ``state.step`` and ``state.epoch`` advance. Returns the
-    epoch's ``metrics.csv`` row so far."""
+    stop: StopRequest,
+) -> bool:
+    """Optimiser steps until the epoch's are all done or a stop is requested (checked after
+    every step); ``state.step`` and ``state.progress`` advance. Returns whether the epoch's steps
+    are all done without a stop request."""
     t = session.cfg.train
     total_steps = t.epochs * t.iterations_per_epoch
-    epoch_start = time.perf_counter()
-    losses, wait, lr = [], 0.0, t.lr
-    for _ in range(t.iterations_per_epoch):
+    part = state.progress
+    start, wait = time.perf_counter(), 0.0
+    while part.steps < t.iterations_per_epoch and not stop.requested:
         t0 = time.perf_counter()
         batch = next(batches)
         wait += time.perf_counter() - t0
@@ -278,61 +327,116 @@ def _train_epoch(
         for group in session.step.optimizer.param_groups:
             group["lr"] = lr
         loss = session.step(batch)
-        losses.append(loss)
+        part.losses.append(loss)
+        part.steps, part.lr = part.steps + 1, lr
         state.step += 1
-        if bar is not None:
-            bar.update(1)
-            best = state.best_metric if math.isfinite(state.best_metric) else None
-            bar.set_postfix(loss=f"{loss:.4f}", f1=report.format_metric(best), refresh=False)
-    state.epoch += 1
-    epoch_s = time.perf_counter() - epoch_start
+        _show_step(bar, loss, state)
+    seconds = time.perf_counter() - start
+    part.seconds += seconds
+    part.wait_s += wait
     clock.wait_total += wait
-    clock.step_total += epoch_s
+    clock.step_total += seconds
+    return not stop.requested
+
+
+def _show_step(bar: Any, loss: float, state: TrainState) -> None:
+    if bar is not None:
+        bar.update(1)
+        best = state.best_metric if math.isfinite(state.best_metric) else None
+        bar.set_postfix(loss=f"{loss:.4f}", f1=report.format_metric(best), refresh=False)
+
+
+def _epoch_row(state: TrainState) -> dict[str, float]:
+    """The ``metrics.csv`` row of the epoch whose steps are done, so far (no validation)."""
+    part = state.progress
     return {
-        "epoch": state.epoch, "step": state.step, "lr": lr,
-        "train_loss": float(np.mean(losses)), "epoch_s": epoch_s, "data_wait_s": wait,
+        "epoch": state.epoch + 1, "step": state.step, "lr": part.lr,
+        "train_loss": float(np.mean(part.losses)), "epoch_s": part.seconds,
+        "data_wait_s": part.wait_s,
     }  # fmt: skip
 
 
+def _validation_probabilities(session: _Session, stop: StopRequest) -> list[np.ndarray] | None:
+    """The validation cases' probabilities, case by case; None when a stop was requested
+    before one of them (a safe point: validation is redone on resume)."""
+    probs: list[np.ndarray] = []
+    for case in session.val_cases:
+        if stop.requested:
+            return None
+        probs += validation.validation_probabilities(
+            session.model, [case], session.cfg, session.plan, device=session.device,
+            dtype=session.dtype,
+        )  # fmt: skip
+    return probs
+
+
 def _validate_and_select(
-    session: _Session, state: TrainState, row: dict[str, float], clock: _Clock
+    session: _Session, state: TrainState, row: dict[str, float], clock: _Clock, *, stop: StopRequest
 ) -> list[np.ndarray] | None:
     """Validate, add the scores and their moving average to ``row``, and save ``best.pt``
     (and the validation report) when the average improved. Returns the validation
-    probabilities when they became the best, else None."""
+    probabilities when they became the best, else None. A stop request during the validation
+    abandons it (:func:`_stop_here`)."""
     cfg = session.cfg
     v0 = time.perf_counter()
-    probs = validation.validation_probabilities(
-        session.model, session.val_cases, cfg, session.plan, device=session.device,
-        dtype=session.dtype,
-    )  # fmt: skip
+    probs = _validation_probabilities(session, stop)
+    if probs is None:
+        _stop_here(session, state, clock, stop)
     summary, results = validation.score_cases(session.val_cases, probs, cfg)
     clock.val_seconds = time.perf_counter() - v0
     row.update(validation.validation_scores(summary))
     row["val_ema"] = moving_average(state.ema, row[validation.BEST_KEYS[cfg.train.best_metric]])
     log.info(
         "epoch %d: loss %.4f, val Dice %.3f, lesion recall %.3f, precision %.3f, F1 %.3f",
-        state.epoch, row["train_loss"], row["val_dice"], row["val_lesion_recall"],
+        row["epoch"], row["train_loss"], row["val_dice"], row["val_lesion_recall"],
         row["val_lesion_precision"], row["val_lesion_f1"],
     )  # fmt: skip
     value = row["val_ema"] if row["val_ema"] is not None else math.nan
     if math.isnan(value) or not value > state.best_metric:
         return None
-    state.best_metric, state.best_epoch = value, state.epoch
-    best = replace(state, elapsed_s=clock.elapsed(), history=[*state.history, row])
+    state.best_metric, state.best_epoch = value, int(row["epoch"])
+    best = replace(state, elapsed_s=clock.elapsed(), history=list(state.history))
+    best.end_epoch(row)
     session.save("best", best)
     report.write_report(results, summary, session.run)
     return probs
 
 
 def _end_epoch(session: _Session, state: TrainState, row: dict[str, float], clock: _Clock) -> None:
-    """Append the row; write ``last.pt``, ``metrics.csv`` and the curves."""
+    """Count the epoch as done; write ``last.pt``, ``metrics.csv`` and the curves."""
     row["elapsed_s"] = clock.elapsed()
-    state.history.append(row)
+    state.end_epoch(row)
     state.elapsed_s = row["elapsed_s"]
     session.save("last", state)
     write_text(session.run / "metrics.csv", history_csv(state.history))
     plots.run_curves(state.history, session.run / "training_curves.png")
+
+
+def _stop_here(session: _Session, state: TrainState, clock: _Clock, stop: StopRequest) -> NoReturn:
+    """Save the unfinished epoch's progress as ``last.pt``, then raise :class:`Interrupted`."""
+    state.elapsed_s = clock.elapsed()
+    session.save("last", state)
+    raise _interrupted(session, state, stop)
+
+
+def _interrupted(session: _Session, state: TrainState, stop: StopRequest) -> Interrupted:
+    """The exception, and the log line, for a stop request honoured with ``state`` saved."""
+    t = session.cfg.train
+    steps = f"step {state.step} of {t.epochs * t.iterations_per_epoch}"
+    done = state.progress.steps
+    if done == 0:
+        where = f"after epoch {state.epoch} of {t.epochs} ({steps})"
+    elif done < t.iterations_per_epoch:
+        where = f"in epoch {state.epoch + 1} of {t.epochs}, after {steps}"
+    else:
+        where = f"in epoch {state.epoch + 1} of {t.epochs}, after {steps}, before its validation"
+    last = session.run / "checkpoints" / "last.pt"
+    log.info("%s received: stopped %s, progress saved in %s", stop.name, where, last)
+    assert stop.signum is not None
+    return Interrupted(
+        f"stopped by {stop.name} {where}; progress saved in {last}",
+        signum=stop.signum, folder=session.run,
+    )  # fmt: skip
 
 
 def _update_eta(bar: Any, state: TrainState, clock: _Clock, total_steps: int) -> None:
@@ -361,6 +465,11 @@ def fit(
 ) -> FitResult:
     """Train one fold of ``cfg`` into ``run_dir`` (see the module docstring).
 
+    While it trains, SIGINT and SIGTERM ask for a stop (:mod:`segmenter.interrupts`): the run
+    stops after the optimiser step in progress (or before the next validation case), saves
+    ``last.pt`` with the steps done in the epoch, and raises :class:`Interrupted`; ``resume``
+    then continues exactly. Temporary files that a killed run left in ``run_dir`` are removed.
+
     Args:
         cfg: the resolved experiment config.
         run_dir: run folder (created; must not hold a run unless ``resume``).
@@ -374,6 +483,7 @@ def fit(
         InputError: bad dataset, fold or resume state (a damaged ``last.pt`` is refused before
             the run folder is touched); a run folder this call created is removed again when
             it is refused before the first checkpoint.
+        Interrupted: a stop signal arrived; the progress is saved.
     """
     run = Path(run_dir)
     last_path = run / "checkpoints" / "last.pt"
@@ -387,21 +497,43 @@ def fit(
     created = not run.exists()
     try:
         with FolderLock(run, "train"):
-            handler = logging.FileHandler(run / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            pkg_log = logging.getLogger("segmenter")
-            pkg_log.addHandler(handler)
-            try:
-                session = _set_up(cfg, dataset, run, fold=fold, progress=progress)
-                state = _restore(session) if resume else TrainState()
-                return _train(session, state, progress=progress, should_stop=should_stop)
-            finally:
-                pkg_log.removeHandler(handler)
-                handler.close()
+            return _fit_locked(
+                cfg, dataset, run, fold=fold, resume=resume, progress=progress,
+                should_stop=should_stop,
+            )  # fmt: skip
     except InputError:
         if created and not (run / "checkpoints").exists():
             shutil.rmtree(run, ignore_errors=True)  # refused in set-up: no half-made run folder
         raise
+
+
+def _fit_locked(
+    cfg: Config,
+    dataset: Dataset,
+    run: Path,
+    *,
+    fold: int | str,
+    resume: bool,
+    progress: bool,
+    should_stop: Callable[[int], bool] | None,
+) -> FitResult:
+    """:func:`fit` once the run folder is locked: stale temporaries removed, the log attached."""
+    stale = remove_stale_temporaries(run)
+    handler = logging.FileHandler(run / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    pkg_log = logging.getLogger("segmenter")
+    pkg_log.addHandler(handler)
+    try:
+        if stale:
+            log.info("removed %d temporary file(s) a killed run left: %s", len(stale),
+                     ", ".join(str(p.relative_to(run)) for p in stale))  # fmt: skip
+        session = _set_up(cfg, dataset, run, fold=fold, progress=progress)
+        state = _restore(session) if resume else TrainState()
+        with stop_requests() as stop:
+            return _train(session, state, progress=progress, should_stop=should_stop, stop=stop)
+    finally:
+        pkg_log.removeHandler(handler)
+        handler.close()
 
 
 def _train(
@@ -410,40 +542,23 @@ def _train(
     *,
     progress: bool,
     should_stop: Callable[[int], bool] | None,
+    stop: StopRequest,
 ) -> FitResult:
     t = session.cfg.train
-    total_steps = t.epochs * t.iterations_per_epoch
     clock = _Clock.start(session.cfg, state)
-    bar = _bar(progress, total_steps, state.step)
-    best_probs: list[np.ndarray] | None = None  # validation probabilities of best.pt
-    stopped_by_budget = False
-    session.model.train()
-    upcoming = _epoch_batches(session, state.epoch) if state.epoch < t.epochs else None
-    while state.epoch < t.epochs:
-        assert upcoming is not None
-        batches = upcoming
-        upcoming = _epoch_batches(session, state.epoch + 1) if state.epoch + 1 < t.epochs else None
-        row = _train_epoch(session, state, batches, clock, bar=bar)
-        del batches
-        stop_now = clock.over_budget_after(row["epoch_s"])
-        _update_eta(bar, state, clock, total_steps)
-        if state.epoch % t.val_every == 0 or state.epoch == t.epochs or stop_now:
-            best_probs = _validate_and_select(session, state, row, clock) or best_probs
-        else:
-            log.info("epoch %d: loss %.4f", state.epoch, row["train_loss"])
-        _end_epoch(session, state, row, clock)
-        if stop_now and state.epoch < t.epochs:
-            stopped_by_budget = True
-            log.info("wall-clock budget of %.1f min reached after epoch %d", t.max_minutes,
-                     state.epoch)  # fmt: skip
-            break
-        if should_stop is not None and should_stop(state.epoch):
-            log.info("stopped on request after epoch %d", state.epoch)
-            break
-    del upcoming  # an unused next-epoch loader: stop its workers
-    if bar is not None:
-        bar.close()
+    bar = _bar(progress, t.epochs * t.iterations_per_epoch, state.step)
+    loaders = _Loaders(session)
+    try:
+        best_probs, stopped_by_budget = _epochs(
+            session, state, clock, loaders, bar=bar, stop=stop, should_stop=should_stop
+        )
+    finally:
+        loaders.close()
+        if bar is not None:
+            bar.close()
     _finish(session, state, best_probs)
+    if stop.requested:
+        log.info("%s arrived during the final threshold tuning; the run finished", stop.name)
     seconds = clock.elapsed()
     wait_fraction = clock.wait_total / clock.step_total if clock.step_total else 0.0
     log.info(
@@ -457,6 +572,46 @@ def _train(
         best_metric=state.best_metric, stopped_by_budget=stopped_by_budget, seconds=seconds,
         data_wait_fraction=wait_fraction,
     )  # fmt: skip
+
+
+def _epochs(
+    session: _Session,
+    state: TrainState,
+    clock: _Clock,
+    loaders: _Loaders,
+    *,
+    bar: Any,
+    stop: StopRequest,
+    should_stop: Callable[[int], bool] | None,
+) -> tuple[list[np.ndarray] | None, bool]:
+    """Epochs until the last, the budget, ``should_stop`` or a stop request (which raises
+    :class:`Interrupted` once the progress is saved). Returns the validation probabilities of
+    ``best.pt`` when this session made them (else None), and whether the budget ended it."""
+    t = session.cfg.train
+    best_probs: list[np.ndarray] | None = None
+    session.model.train()
+    while state.epoch < t.epochs:
+        if not _train_epoch(session, state, loaders.start_epoch(state), clock, bar=bar, stop=stop):
+            _stop_here(session, state, clock, stop)
+        loaders.current = None  # this epoch's workers stop before validation
+        row = _epoch_row(state)
+        stop_now = clock.over_budget_after(row["epoch_s"])
+        _update_eta(bar, state, clock, t.epochs * t.iterations_per_epoch)
+        if row["epoch"] % t.val_every == 0 or row["epoch"] == t.epochs or stop_now:
+            best_probs = _validate_and_select(session, state, row, clock, stop=stop) or best_probs
+        else:
+            log.info("epoch %d: loss %.4f", row["epoch"], row["train_loss"])
+        _end_epoch(session, state, row, clock)
+        if stop.requested:
+            raise _interrupted(session, state, stop)
+        if stop_now and state.epoch < t.epochs:
+            log.info("wall-clock budget of %.1f min reached after epoch %d", t.max_minutes,
+                     state.epoch)  # fmt: skip
+            return best_probs, True
+        if should_stop is not None and should_stop(state.epoch):
+            log.info("stopped on request after epoch %d", state.epoch)
+            break
+    return best_probs, False
 
 
 def _finish(session: _Session, state: TrainState, best_probs: list[np.ndarray] | None) -> None:

@@ -27,12 +27,20 @@ Seeding: each iterator draws from ``numpy.random.default_rng([seed, epoch, k, wo
 that copy of the dataset has started before. With persistent workers (as :func:`make_loader`
 builds them), ``k`` counts epochs; with non-persistent workers call :meth:`set_epoch`. The same
 seed and the same ``num_workers`` give the same batches; ``num_workers`` 0 and 1 give the same
-stream, other worker counts a different (equally valid) one.
+stream, other worker counts a different (equally valid) one. The loader draws the seeds torch
+gives its workers from its own generator (seeded with ``seed``), never from torch's global RNG,
+so making a loader changes nothing else a run draws (dropout, for one) and ``--resume``, which
+makes its loaders at other moments than the run it continues, stays exact.
+
+Workers ignore SIGINT and SIGTERM: a stop is the main process's decision (it saves its progress,
+then shuts its workers down), and a terminal's Ctrl-C or a batch system's SIGTERM, which reach the
+whole process group, must not kill the workers under it.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -270,7 +278,8 @@ def make_loader(
     Use it as one iterator for the whole run (``it = iter(loader)``; ``next(it)`` per step):
     ``len(loader)`` is undefined. Workers (``data_cfg.num_workers``) are forked where the
     platform allows (cases shared copy-on-write), persistent, one torch thread each, and keep
-    ``prefetch_factor`` batches each ready. Pinned memory is off (CPU training).
+    ``prefetch_factor`` batches each ready; they ignore SIGINT and SIGTERM (the module
+    docstring). Pinned memory is off (CPU training).
 
     Args:
         cases: labelled preprocessed cases.
@@ -284,14 +293,25 @@ def make_loader(
     """
     dataset = make_dataset(cases, data_cfg, aug_cfg, seed)
     workers = data_cfg.num_workers
-    extra: dict = {}
+    extra: dict = {"generator": torch.Generator().manual_seed(seed)}
     if workers > 0:
-        extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor}
+        extra |= {"persistent_workers": True, "prefetch_factor": prefetch_factor,
+                  "worker_init_fn": leave_signals_to_main}  # fmt: skip
         if "fork" in multiprocessing.get_all_start_methods():
             extra["multiprocessing_context"] = multiprocessing.get_context("fork")
     return DataLoader(
         dataset, batch_size=data_cfg.batch_size, num_workers=workers, pin_memory=False, **extra
     )
+
+
+def leave_signals_to_main(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM (module docstring).
+
+    Args:
+        worker_id: the worker's number (unused).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def patch_foreground_rate(dataset: PatchDataset, n: int, seed: int = 0) -> float:
@@ -318,6 +338,7 @@ __all__ = [
     "LesionIndex",
     "Location",
     "PatchDataset",
+    "leave_signals_to_main",
     "make_dataset",
     "make_loader",
     "patch_foreground_rate",

@@ -4,6 +4,12 @@
 ``state_dict`` (the checkpoint keys of :mod:`segmenter.nn.checkpoint`) and read back by
 ``--resume``, which then continues exactly: same step, elapsed budget, best checkpoint and
 moving average, history rows and torch RNG state.
+
+A checkpoint saved inside an epoch (a stop request after an optimiser step,
+:mod:`segmenter.interrupts`) also holds that epoch's :class:`EpochProgress`: the steps done and
+their losses. ``--resume`` re-creates the epoch's loader, which is seeded by the epoch, skips the
+batches those steps used and carries on, so the epoch's row and the weights come out as without
+the stop. A checkpoint without the key (an epoch boundary, or an older run) has none.
 """
 
 from __future__ import annotations
@@ -30,16 +36,59 @@ EMA_WEIGHT = 0.5
 
 
 @dataclass
+class EpochProgress:
+    """How far the unfinished epoch got (all zero at an epoch boundary).
+
+    Attributes:
+        steps: optimiser steps of the epoch done (all of them when it stopped before validating).
+        losses: their training losses (the epoch's ``train_loss`` is their mean).
+        lr: the learning rate of the last of them (the epoch's ``lr``).
+        seconds: wall-clock seconds they took (the epoch's ``epoch_s``).
+        wait_s: seconds of that spent waiting for batches (``data_wait_s``).
+    """
+
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    lr: float = 0.0
+    seconds: float = 0.0
+    wait_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain types for the checkpoint."""
+        return {
+            "steps": self.steps,
+            "losses": [float(v) for v in self.losses],
+            "lr": float(self.lr),
+            "seconds": float(self.seconds),
+            "wait_s": float(self.wait_s),
+        }
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any] | None) -> EpochProgress:
+        """The progress :meth:`to_json` wrote; None (no key: an epoch boundary) gives none."""
+        if values is None:
+            return cls()
+        return cls(
+            steps=int(values["steps"]),
+            losses=[float(v) for v in values["losses"]],
+            lr=float(values["lr"]),
+            seconds=float(values["seconds"]),
+            wait_s=float(values["wait_s"]),
+        )
+
+
+@dataclass
 class TrainState:
-    """The training loop's state after a finished epoch.
+    """The training loop's state: after a finished epoch, or inside one (``progress``).
 
     Attributes:
         epoch: epochs done.
-        step: optimiser steps done.
+        step: optimiser steps done (those of the unfinished epoch included).
         elapsed_s: wall-clock seconds of training so far (over resumes).
         best_metric: best moving average of the selection metric (-inf before any).
         best_epoch: the epoch ``best.pt`` holds (-1 before any).
         history: one ``metrics.csv`` row per epoch done.
+        progress: the unfinished epoch ``epoch + 1``'s steps so far.
     """
 
     epoch: int = 0
@@ -48,6 +97,13 @@ class TrainState:
     best_metric: float = -math.inf
     best_epoch: int = -1
     history: list[dict[str, float]] = field(default_factory=list)
+    progress: EpochProgress = field(default_factory=EpochProgress)
+
+    def end_epoch(self, row: dict[str, float]) -> None:
+        """Count the unfinished epoch, whose ``metrics.csv`` row is ``row``, as done."""
+        self.epoch += 1
+        self.progress = EpochProgress()
+        self.history.append(row)
 
     @property
     def ema(self) -> float | None:
@@ -70,6 +126,7 @@ class TrainState:
             "config": config_to_dict(cfg),
             "plan": plan.to_json(),
             "rng": {"torch": torch.get_rng_state()},
+            "epoch_progress": self.progress.to_json(),
         }
 
     @classmethod
@@ -82,6 +139,7 @@ class TrainState:
             best_metric=float(state["best_metric"]),
             best_epoch=int(state["best_epoch"]),
             history=[dict(h) for h in state["history"]],
+            progress=EpochProgress.from_json(state.get("epoch_progress")),
         )
 
 
@@ -106,4 +164,11 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-__all__ = ["EMA_WEIGHT", "HISTORY_KEYS", "TrainState", "history_csv", "moving_average"]
+__all__ = [
+    "EMA_WEIGHT",
+    "HISTORY_KEYS",
+    "EpochProgress",
+    "TrainState",
+    "history_csv",
+    "moving_average",
+]

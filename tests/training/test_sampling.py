@@ -176,6 +176,20 @@ def test_same_seed_same_batches(workers: int) -> None:
     assert not torch.equal(first[0]["image"], first[1]["image"])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_leaves_the_global_torch_rng_alone(workers: int) -> None:
+    # Resume makes its loaders at other moments than the run it continues: if they drew from
+    # the global RNG, dropout after a resume would differ from the uninterrupted run's.
+    cfg = DataConfig(patch_size=(16, 16, 16), batch_size=2, num_workers=workers)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    it = iter(make_loader(loader_cases(), cfg, AUG_ON, seed=7))
+    next(it)
+    del it
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_loader_with_two_workers_delivers_batches() -> None:
     cases = loader_cases()
     cfg = DataConfig(patch_size=(16, 16, 16), batch_size=3, num_workers=2, sampling="lesion")

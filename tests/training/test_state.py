@@ -18,6 +18,7 @@ from segmenter.planning.run_plan import RunPlan
 from segmenter.training.state import (
     EMA_WEIGHT,
     HISTORY_KEYS,
+    EpochProgress,
     TrainState,
     history_csv,
     moving_average,
@@ -68,6 +69,41 @@ def test_a_fresh_state_survives_a_checkpoint_too(
     restored = TrainState.from_checkpoint(load_checkpoint(path))
     assert restored == TrainState() and restored.best_metric == -math.inf
     assert restored.ema is None
+
+
+def test_a_state_inside_an_epoch_survives_a_checkpoint_with_its_progress(
+    run_settings: tuple[Config, RunPlan], tmp_path: Path
+) -> None:
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    progress = EpochProgress(steps=2, losses=[0.75, 0.5], lr=0.004, seconds=3.5, wait_s=0.25)
+    state = TrainState(epoch=1, step=5, history=[row(1, train_loss=0.9)], progress=progress)
+    path = save_checkpoint(tmp_path / "last.pt", state.checkpoint(model, optimizer, *run_settings))
+    loaded = torch.load(path, weights_only=True)  # plain types only
+    assert loaded["epoch_progress"] == {"steps": 2, "losses": [0.75, 0.5], "lr": 0.004,
+                                        "seconds": 3.5, "wait_s": 0.25}  # fmt: skip
+    assert TrainState.from_checkpoint(load_checkpoint(path)) == state
+
+
+def test_a_checkpoint_without_epoch_progress_is_at_an_epoch_boundary(
+    run_settings: tuple[Config, RunPlan], tmp_path: Path
+) -> None:
+    model = torch.nn.Linear(2, 1)
+    payload = TrainState(epoch=2, step=4).checkpoint(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), *run_settings
+    )
+    del payload["epoch_progress"]  # as every checkpoint written before the key existed
+    restored = TrainState.from_checkpoint(
+        load_checkpoint(save_checkpoint(tmp_path / "c.pt", payload))
+    )
+    assert (restored.epoch, restored.step, restored.progress) == (2, 4, EpochProgress())
+
+
+def test_ending_an_epoch_counts_it_clears_its_progress_and_keeps_its_row() -> None:
+    state = TrainState(epoch=1, step=6, progress=EpochProgress(steps=3, losses=[1.0, 2.0, 3.0]))
+    state.end_epoch(row(2, train_loss=2.0))
+    assert (state.epoch, state.step, state.progress) == (2, 6, EpochProgress())
+    assert state.history == [row(2, train_loss=2.0)]
 
 
 def test_the_shared_runs_last_checkpoint_holds_its_one_epoch(trained_run: Path) -> None:
