@@ -14,7 +14,8 @@ writing), with and without the 8-fold mirroring:
 The scans are the first case of ``../shared/data``'s MS and BraTS datasets when they are
 there (four channels each), else synthetic four-channel volumes of the same shapes (a
 brain-sized ellipsoid of smooth noise). Prints wall-clock seconds, peak resident memory
-(``wait4``'s ``ru_maxrss`` of each process) and the ratio MONAI / ours with the same
+(``wait4``'s ``ru_maxrss`` of each process; the script itself stays small, since Linux
+carries a parent's peak over to its children) and the ratio MONAI / ours with the same
 mirroring, then the CUDA figures when a GPU is present (or says they were skipped). Runs
 are one at a time; run it on an otherwise idle machine. Always exits 0 unless a child fails.
 
@@ -164,13 +165,24 @@ def monai_predict(inputs: list[str], output: str, tta: bool, roi: int) -> None:
 # ---------------------------------------------------------------------------------- main
 
 
+def prepare(config: str, dataset: str, shape: tuple[int, int, int], folder: Path,
+            quick: bool) -> tuple[Path, list[Path]]:  # fmt: skip
+    """The run folder and scans, made in a child process: Linux's ``ru_maxrss`` carries a
+    process's peak over to what it starts, so this process never imports torch or holds a
+    volume, and the children's peaks are their own."""
+    argv = [sys.executable, __file__, "--prepare", config, dataset, *map(str, shape), str(folder),
+            "1" if quick else "0"]  # fmt: skip
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    made = json.loads(out.strip().splitlines()[-1])
+    return Path(made["run"]), [Path(p) for p in made["scans"]]
+
+
 def bench(config: str, dataset: str, shape: tuple[int, int, int], args: argparse.Namespace,
           work: Path) -> list[tuple[str, str, Timing]]:  # fmt: skip
     """Rows (pipeline, mirroring, timing) for one config and scan."""
     folder = work / Path(config).stem
     folder.mkdir(parents=True, exist_ok=True)
-    scans = scan_files(folder, dataset, shape, args.quick)
-    run = random_run(config, folder / "run", args.quick)
+    run, scans = prepare(config, dataset, shape, folder, args.quick)
     rows = []
     for tta in (True, False):
         inputs = [str(s) for s in scans]
@@ -202,7 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep", help="keep the run folders, scans and masks in this folder")
     parser.add_argument("--monai-child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.prepare:
+        config, dataset, x, y, z, folder, quick = args.prepare
+        scans = scan_files(Path(folder), dataset, (int(x), int(y), int(z)), quick == "1")
+        run = random_run(config, Path(folder) / "run", quick == "1")
+        print(json.dumps({"run": str(run), "scans": [str(p) for p in scans]}))
+        return 0
     if args.monai_child:
         *inputs, output, tta, roi = args.monai_child
         monai_predict(inputs, output, tta == "1", int(roi))
@@ -216,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             scan = f"{dataset} first case" if real else f"synthetic {'x'.join(map(str, shape))}"
             rows = bench(config, dataset, shape, args, work)
             report(f"{config} ({scan}, 4 channels), {args.device}", rows)
-        import torch
-
-        if torch.cuda.is_available() and args.device == "cpu":
+        probe = "import torch; print(int(torch.cuda.is_available()))"
+        cuda = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        if cuda.stdout.strip() == "1" and args.device == "cpu":
             print("\nCUDA present: rerun with --device cuda for the GPU figures")
-        elif not torch.cuda.is_available():
+        elif cuda.stdout.strip() != "1":
             print("\nCUDA: no GPU here, GPU figures skipped")
     finally:
         if not args.keep:
