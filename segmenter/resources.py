@@ -5,7 +5,7 @@
   slabs the kernel can reclaim; ``os.sysconf`` free pages where that file does not exist),
   lowered to the headroom of the process's cgroup when it has a memory limit (a SLURM job, a
   container), which the OOM killer enforces on its own;
-- :func:`peak_rss_mb`: the largest resident set this process has had (``getrusage``);
+- :func:`peak_rss_mb`: the largest resident set this process has had (``VmHWM``);
 - :func:`format_bytes`: a byte count in words, as error messages print it.
 
 Read on call, never at import; no torch here.
@@ -141,8 +141,29 @@ def available_memory(
     return min(known) if known else None
 
 
-def peak_rss_mb() -> float:
-    """The largest resident set size this process has had so far, in MB (10^6 bytes)."""
+def _status_kib(key: str, status: Path) -> int | None:
+    """A ``kB`` field of a ``/proc/<pid>/status``-format file, or None."""
+    try:
+        lines = status.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name == key and value.split():
+            return int(value.split()[0])
+    return None
+
+
+def peak_rss_mb(status: Path = Path("/proc/self/status")) -> float:
+    """The largest resident set size this process has had so far, in MB (10^6 bytes).
+
+    Linux: ``VmHWM`` of ``/proc/self/status``. ``getrusage``'s ``ru_maxrss`` only where that
+    is missing: on Linux it survives ``fork`` and ``exec``, so a process started by a large
+    one reports its parent's size.
+    """
+    hwm = _status_kib("VmHWM", status)
+    if hwm is not None:
+        return hwm * _KIB / 1e6
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1e6 if sys.platform == "darwin" else peak * _KIB / 1e6  # macOS: bytes
 
