@@ -1,10 +1,16 @@
-"""Tests for segmenter.planning.memory: the documented estimate on hand-made headers, and a
-header claiming a huge volume refused before a voxel is read."""
+"""Tests for segmenter.planning.memory: the documented estimate on hand-made headers, a refusal
+that names the file and the figures (exit 2, nothing written) for ``predict`` and ``train``, a
+header claiming a huge volume refused before a voxel is read, and the estimate against the
+measured peak of a real prediction."""
 
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
+import subprocess
+import sys
+import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,8 +19,10 @@ import numpy as np
 import pytest
 
 from segmenter import io, resources
+from segmenter.cli import main
 from segmenter.config import Config, DataConfig
 from segmenter.data.layout import Case, load_dataset
+from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.errors import InputError
 from segmenter.planning.memory import (
     InferenceSetting,
@@ -144,6 +152,61 @@ def test_an_unknown_available_figure_checks_nothing(
     check_prediction([Case("scan", (scan,))], [setting()])
 
 
+def test_a_prediction_that_does_not_fit_is_refused_in_one_line_and_nothing_is_written(
+    trained_run: Path, phantoms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    fake_available(monkeypatch, 50_000_000)
+    out = tmp_path / "masks"
+    argv = ["predict", "--model", str(trained_run), "--input", str(phantoms / "imagesTs"),
+            "--output", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and "phantom_test_000_0000.nii.gz: needs about " in line
+    assert line.endswith(
+        " MB to predict (32x32x32 voxels, 2 channels), 50.0 MB available; crop or resample "
+        "the scan, or use a machine with more memory"
+    )
+    assert not out.exists()
+
+
+def test_training_that_does_not_fit_is_refused_in_one_line_and_no_run_folder_is_made(
+    phantoms: Path, tiny_config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    fake_available(monkeypatch, 50_000_000)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(tiny_config_file), "--out", str(run)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"error: {phantoms}: needs about " in line
+    assert line.endswith(
+        " MB to train (6 cases, the largest 32x32x32 voxels; patch 32x32x32, batch 2), 50.0 MB "
+        "available; set data.cache_dir (cases memory-mapped, not held), lower data.patch_size "
+        "or data.batch_size, or use a machine with more memory"
+    )
+    assert not run.exists()
+
+
+def test_a_header_claiming_3000_cubed_voxels_is_refused_before_a_voxel_is_read(
+    trained_run: Path, phantoms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    reads: list[object] = []
+    real_read = io.read_image
+    monkeypatch.setattr(io, "read_image", lambda *a, **k: reads.append(a) or real_read(*a, **k))
+    fake_available(monkeypatch, 16 * 10**9)
+    huge = huge_nifti(tmp_path / "scan_0000.nii.gz", (3000, 3000, 3000))
+    t1 = shutil.copy(phantoms / "imagesTs" / "phantom_test_000_0001.nii.gz", tmp_path)
+    out = tmp_path / "mask.nii.gz"
+    argv = ["predict", "--model", str(trained_run), "--input", str(huge), str(t1),
+            "--output", str(out), "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "scan_0000.nii.gz: needs about " in line
+    assert " GB to predict (3000x3000x3000 voxels, 2 channels), 16.0 GB available" in line
+    assert reads == [] and not out.exists()
+
+
 def test_a_huge_label_header_is_named_when_training_and_nothing_is_read(
     phantoms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,3 +222,61 @@ def test_a_huge_label_header_is_named_when_training_and_nothing_is_read(
                        r"16\.0 GB available"):  # fmt: skip
         check_training(load_dataset(data), job, available=16 * 10**9)
     assert reads == [] and label.stat().st_size < 1000
+
+
+# ------------------------------------------------------------------------------------------
+# against a measured peak
+
+#: Runs ``segmenter predict`` in a fresh interpreter and reports, as JSON on its last line,
+#: the estimate its memory check computed and the resident set's growth from that check on
+#: (the peak read as VmHWM after resetting it through /proc/self/clear_refs).
+MEASURE = textwrap.dedent("""
+    import json, sys
+    from segmenter import cli
+    from segmenter.inference import predict
+    from segmenter.planning import memory
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    seen = {}
+    def measured(cases, runs, **kwargs):
+        memory.check_prediction(cases, runs, **kwargs)
+        seen["estimate"] = max(
+            memory.prediction_estimate(memory.case_volume(c), runs).total for c in cases
+        )
+        seen["start"] = status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+
+    predict.check_prediction = measured
+    code = cli.main(sys.argv[1:])
+    print(json.dumps({"code": code, "growth": status("VmHWM") - seen["start"], **seen}))
+""")
+
+
+def can_reset_the_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not can_reset_the_peak(), reason="needs Linux's /proc/self/clear_refs")
+def test_the_estimate_bounds_a_64_cubed_predictions_peak_within_3x(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    data = write_dataset(tmp_path, 1, seed=1, spec=PhantomSpec(size=64))
+    scans = [str(p) for p in sorted((data / "imagesTr").glob("*.nii.gz"))]
+    argv = ["predict", "--model", str(trained_run), "--input", *scans,
+            "--output", str(tmp_path / "mask.nii.gz"), "--device", "cpu", "--no-tta"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", MEASURE, *argv], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0
+    assert result["growth"] <= result["estimate"] <= 3 * result["growth"], result
