@@ -29,6 +29,7 @@ from segmenter.inference.predictor import Predictor
 from segmenter.inference.sliding_window import foreground_probability, predict_logits
 from segmenter.io import Image, is_image_file, read_info, strip_suffix, suffix_of, write_like
 from segmenter.locking import FolderLock, remove_unused
+from segmenter.planning.memory import InferenceSetting, check_prediction
 from segmenter.planning.run_plan import RunPlan
 from segmenter.preprocessing.case import preprocess_arrays, read_case
 
@@ -243,6 +244,18 @@ def predict_case(
     )
 
 
+def memory_settings(
+    predictor: Predictor | Sequence[Predictor], options: PredictOptions
+) -> list[InferenceSetting]:
+    """What the memory estimate needs of each model: its window, TTA and device."""
+    return [
+        InferenceSetting.of_run(
+            m.plan, m.config, tta=options.tta, on_accelerator=m.device.type != "cpu"
+        )
+        for m in ensemble(predictor)
+    ]
+
+
 def predict_all(
     predictor: Predictor | Sequence[Predictor],
     inputs: Sequence[str | Path],
@@ -251,12 +264,20 @@ def predict_all(
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
 ) -> list[Prediction]:
     """Predict every case of ``inputs`` into ``output`` with one model or the mean of several
-    (see the module docstring)."""
+    (see the module docstring).
+
+    Before anything is read or written, every case's headers are checked against the memory
+    available (:func:`segmenter.planning.memory.check_prediction`).
+
+    Raises:
+        InputError: bad inputs, or a case whose prediction would not fit in memory.
+    """
     predictor = ensemble(predictor)
     cases = collect_cases(inputs, predictor[0])
     single = len(inputs) >= 1 and not Path(inputs[0]).is_dir()
     paths = output_paths(cases, output, single_file_ok=single)
     check_headers(cases)
+    check_prediction(cases, memory_settings(predictor, options))
     iterable: Iterable[Case] = cases
     if progress is not None:
         iterable = progress(cases, len(cases))

@@ -50,6 +50,16 @@ def cache_key(case: Case, spec: PreprocessingSpec) -> str:
     return h.hexdigest()[:16]
 
 
+def entry_folder(case: Case, cache_dir: str | Path, spec: PreprocessingSpec) -> Path:
+    """The cache folder of ``case`` under these settings (``{case_id}-{key}``)."""
+    return Path(cache_dir) / f"{case.case_id}-{cache_key(case, spec)}"
+
+
+def is_cached(case: Case, cache_dir: str | Path, spec: PreprocessingSpec) -> bool:
+    """Whether the cache holds ``case`` complete under these settings (no voxel is read)."""
+    return (entry_folder(case, cache_dir, spec) / "meta.json").is_file()
+
+
 def _save_array(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.ascontiguousarray(array))
@@ -92,7 +102,7 @@ def cached_case(
         InputError: as :func:`segmenter.preprocessing.case.preprocess_case`.
     """
     spec = spec or PreprocessingSpec()
-    folder = Path(cache_dir) / f"{case.case_id}-{cache_key(case, spec)}"
+    folder = entry_folder(case, cache_dir, spec)
     if (folder / "meta.json").is_file():
         return _load(folder)
     pre = preprocess_case(case, spec)

@@ -60,7 +60,9 @@ from segmenter.interrupts import StopRequest, stop_requests
 from segmenter.locking import FolderLock
 from segmenter.nn.checkpoint import load_checkpoint, save_checkpoint
 from segmenter.nn.losses import build_loss
+from segmenter.nn.network import build_model
 from segmenter.nn.runtime import autocast, autocast_dtype, resolve_device
+from segmenter.planning.memory import TrainingJob, check_training
 from segmenter.planning.run_plan import RunPlan
 from segmenter.preprocessing.case import PreprocessedCase
 from segmenter.preprocessing.pipeline import preprocess_dataset
@@ -159,6 +161,23 @@ def _training_dataset(cfg: Config, fold: int | str) -> Dataset:
                 f"{cfg.train.n_folds}; lower train.n_folds"
             )
     return dataset
+
+
+def _training_job(cfg: Config, dataset: Dataset, fold: int | str) -> TrainingJob:
+    """What the memory estimate needs of a run: its config, fold, device and the network's
+    parameter count (the network built on the meta device: no memory, no random draw)."""
+    out_channels = 1 if cfg.loss.activation == "sigmoid" else 2
+    p = cfg.data.patch_size
+    target = cfg.data.target_spacing
+    with torch.device("meta"):
+        model = build_model(
+            cfg.model, dataset.n_channels, out_channels, patch_size=(p[0], p[1], p[2]),
+            spacing=None if target is None else (target[0], target[1], target[2]),
+        )  # fmt: skip
+    return TrainingJob(
+        cfg=cfg, fold=fold, parameters=sum(t.numel() for t in model.parameters()),
+        out_channels=out_channels, on_accelerator=resolve_device(cfg.train.device).type != "cpu",
+    )  # fmt: skip
 
 
 def _split_cases(
@@ -481,8 +500,10 @@ def fit(
 
     Raises:
         InputError: bad dataset, fold or resume state (a damaged ``last.pt`` is refused before
-            the run folder is touched); a run folder this call created is removed again when
-            it is refused before the first checkpoint.
+            the run folder is touched), or a run whose estimated memory
+            (:func:`segmenter.planning.memory.check_training`, from the headers, before anything
+            is read or written) exceeds what is available; a run folder this call created is
+            removed again when it is refused before the first checkpoint.
         Interrupted: a stop signal arrived; the progress is saved.
     """
     run = Path(run_dir)
@@ -494,6 +515,7 @@ def fit(
     if resume:  # a damaged last.pt refuses before the run folder is touched
         model_from_checkpoint(last_path, load_checkpoint(last_path))
     dataset = _training_dataset(cfg, fold)
+    check_training(dataset, _training_job(cfg, dataset, fold))
     created = not run.exists()
     try:
         with FolderLock(run, "train"):

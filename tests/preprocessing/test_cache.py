@@ -14,7 +14,7 @@ import pytest
 from segmenter.config import ChannelNormalization, load_config
 from segmenter.data.layout import load_dataset
 from segmenter.data.synthetic import PhantomSpec, write_dataset
-from segmenter.preprocessing.cache import cache_key, cached_case
+from segmenter.preprocessing.cache import cache_key, cached_case, entry_folder, is_cached
 from segmenter.preprocessing.case import preprocess_case
 from segmenter.preprocessing.spec import PreprocessingSpec
 from segmenter.training.loop import fit
@@ -46,6 +46,18 @@ def test_cached_case_equals_preprocessing_and_is_memory_mapped(
         prob = np.asarray(pre.label, dtype=np.float32)
         np.testing.assert_array_equal(pre.restore(prob), fresh.restore(prob))
     assert len(list(tmp_path.iterdir())) == 1  # the second call read, did not write
+
+
+def test_is_cached_sees_a_complete_entry_only_under_its_settings(
+    dataset: Path, tmp_path: Path
+) -> None:
+    case = load_dataset(dataset).training[2]
+    assert not is_cached(case, tmp_path, ONE_MM)
+    cached_case(case, tmp_path, ONE_MM)
+    assert is_cached(case, tmp_path, ONE_MM)
+    assert not is_cached(case, tmp_path, PreprocessingSpec())
+    (entry_folder(case, tmp_path, ONE_MM) / "meta.json").unlink()  # cut short before meta.json
+    assert not is_cached(case, tmp_path, ONE_MM)
 
 
 def test_key_follows_settings_and_files(dataset: Path) -> None:
