@@ -44,9 +44,21 @@ def load_fault_matrix() -> ModuleType:
 fm = load_fault_matrix()
 
 
+@pytest.fixture(scope="session")
+def config_for(phantoms: Path, tiny_config: Callable[..., Path]) -> Callable[..., Path]:
+    """``config_for(folder, workers, dropout=0.0)``: the config of :data:`CHANGES` for the
+    shared phantoms with that many DataLoader workers and that dropout, in ``folder``."""
+
+    def write(folder: Path, workers: int, dropout: float = 0.0) -> Path:
+        changes = {**CHANGES, "data.num_workers": workers, "model.dropout": dropout}
+        return tiny_config(folder / "c.yaml", phantoms, changes)
+
+    return write
+
+
 @pytest.fixture(scope="module")
 def reference(
-    phantoms: Path, tiny_config: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+    config_for: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., Path]:
     """``reference(workers, dropout=0.0)``: the uninterrupted run of :data:`CHANGES` with that
     many DataLoader workers and that dropout (trained on first use)."""
@@ -55,20 +67,12 @@ def reference(
     def get(workers: int, dropout: float = 0.0) -> Path:
         if (workers, dropout) not in runs:
             root = tmp_path_factory.mktemp(f"reference{workers}")
-            config = config_for(root, phantoms, workers, dropout)
+            config = config_for(root, workers, dropout)
             assert main(["train", "--config", str(config), "--out", str(root / "run")]) == 0
             runs[workers, dropout] = root / "run"
         return runs[workers, dropout]
 
     return get
-
-
-def config_for(folder: Path, phantoms: Path, workers: int, dropout: float = 0.0) -> Path:
-    """The config of :data:`CHANGES` with ``workers`` DataLoader workers and ``dropout``."""
-    from conftest import write_tiny_config
-
-    changes = {**CHANGES, "data.num_workers": workers, "model.dropout": dropout}
-    return write_tiny_config(folder / "c.yaml", phantoms, changes)
 
 
 def run_with_faults(monkeypatch: pytest.MonkeyPatch, faults: list[str], argv: list[str]) -> int:
@@ -98,14 +102,14 @@ def test_a_stop_signal_saves_the_progress_at_a_safe_point_and_resume_ends_as_wit
     code: int,
     where: str,
     done: int,
-    phantoms: Path,
+    config_for: Callable[..., Path],
     reference: Callable[..., Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run = tmp_path / "run"
-    argv = ["train", "--config", str(config_for(tmp_path, phantoms, *settings)), "--out", str(run)]
+    argv = ["train", "--config", str(config_for(tmp_path, *settings)), "--out", str(run)]
     name = signal.Signals(code - 128).name
     assert run_with_faults(monkeypatch, faults, argv) == code
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -124,14 +128,14 @@ def test_a_stop_signal_saves_the_progress_at_a_safe_point_and_resume_ends_as_wit
 
 
 def test_a_second_signal_while_last_pt_is_written_changes_nothing(
-    phantoms: Path,
+    config_for: Callable[..., Path],
     reference: Callable[..., Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     run = tmp_path / "run"
-    argv = ["train", "--config", str(config_for(tmp_path, phantoms, 0)), "--out", str(run)]
+    argv = ["train", "--config", str(config_for(tmp_path, 0)), "--out", str(run)]
     faults = ["SIGINT@backward#1", "SIGTERM@write:last.pt#1"]  # SIGTERM lands mid-save
     assert run_with_faults(monkeypatch, faults, argv) == 130  # the first signal is reported
     assert "stopped by SIGINT in epoch 1 of 2, after step 1 of 4" in capsys.readouterr().err
@@ -143,14 +147,14 @@ def test_a_second_signal_while_last_pt_is_written_changes_nothing(
 
 
 def test_crossval_stopped_by_sigterm_tells_to_rerun_and_the_rerun_resumes_the_fold(
-    phantoms: Path,
+    config_for: Callable[..., Path],
     reference: Callable[..., Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "cv"
-    argv = ["crossval", "--config", str(config_for(tmp_path, phantoms, 0)), "--out", str(out),
+    argv = ["crossval", "--config", str(config_for(tmp_path, 0)), "--out", str(out),
             "--folds", "0"]  # fmt: skip
     assert run_with_faults(monkeypatch, ["SIGTERM@backward#3"], argv) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -171,10 +175,10 @@ def run_child(faults: list[str], argv: list[str], **kwargs: object) -> object:
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigkill_in_a_step_in_validation_and_mid_write_then_resume_loses_nothing(
-    workers: int, phantoms: Path, reference: Callable[..., Path], tmp_path: Path
+    workers: int, config_for: Callable[..., Path], reference: Callable[..., Path], tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
-    fresh = ["train", "--config", str(config_for(tmp_path, phantoms, workers)), "--out", str(run)]
+    fresh = ["train", "--config", str(config_for(tmp_path, workers)), "--out", str(run)]
     resume = ["train", "--resume", "--out", str(run)]
     first = run_child(["kill@backward#2"], fresh)  # in epoch 1's second (last) step
     assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
@@ -199,12 +203,12 @@ def test_sigkill_in_a_step_in_validation_and_mid_write_then_resume_loses_nothing
 
 @pytest.mark.slow
 def test_sigterm_to_the_whole_process_group_stops_training_with_workers_cleanly(
-    phantoms: Path, reference: Callable[..., Path], tmp_path: Path
+    config_for: Callable[..., Path], reference: Callable[..., Path], tmp_path: Path
 ) -> None:
     # As a terminal's Ctrl-C or a batch system's time limit: the workers get it too, and must
     # leave the stop to the main process (they would die under it otherwise).
     run, go = tmp_path / "run", tmp_path / "go"
-    argv = ["train", "--config", str(config_for(tmp_path, phantoms, 2)), "--out", str(run)]
+    argv = ["train", "--config", str(config_for(tmp_path, 2)), "--out", str(run)]
     stopped = run_child(["wait@backward#1"], argv, go=go, group_signal=signal.SIGTERM)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert stopped.last_line.startswith("stopped by SIGTERM in epoch 1 of 2, after step 1 of 4;")
@@ -213,13 +217,13 @@ def test_sigterm_to_the_whole_process_group_stops_training_with_workers_cleanly(
 
 
 def test_a_last_pt_from_before_mid_epoch_stops_still_resumes_exactly(
-    phantoms: Path, reference: Callable[..., Path], tmp_path: Path
+    config_for: Callable[..., Path], reference: Callable[..., Path], tmp_path: Path
 ) -> None:
     from segmenter.config import load_config
     from segmenter.training.loop import fit
 
     run = tmp_path / "run"
-    fit(load_config(config_for(tmp_path, phantoms, 0)), run, progress=False,
+    fit(load_config(config_for(tmp_path, 0)), run, progress=False,
         should_stop=lambda epoch: epoch == 1)  # fmt: skip
     last = run / "checkpoints" / "last.pt"
     old = torch.load(last, weights_only=True)
