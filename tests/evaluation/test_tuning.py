@@ -62,3 +62,22 @@ def test_grid_search_scores_as_on_the_whole_volume() -> None:
         for key, value in whole.items():
             assert row[key] == pytest.approx(value, nan_ok=True), key
     assert best["criterion"] == max(r["criterion"] for r in rows)
+
+
+def test_a_blob_merging_every_lesion_does_not_win_the_tuning() -> None:
+    # Ten lesions; the model finds two at 0.6 and marks a whole 'brain' at 0.15. At 0.1 one
+    # blob overlaps all ten (ISLES'22 F1 1.0, Dice near 0): the arithmetic mean of F1 and Dice
+    # (0.5+) preferred that useless mask to 0.5's two clean lesions (F1 and Dice 0.33).
+    shape = (40, 40, 40)
+    centres = [(6 + 7 * (i % 5), 10 + 20 * (i // 5), 20) for i in range(10)]
+    ref = np.zeros(shape, np.uint8)
+    for c in centres:
+        ref[_ball(shape, c, 2)] = 1
+    prob = np.full(shape, 0.15, np.float32)
+    for c in centres[:2]:
+        prob[_ball(shape, c, 2)] = 0.6
+    rule = metrics.PRESETS["isles22"]
+    best, rows = tuning.grid_search([prob], [ref], [(1.0,) * 3], rule, thresholds=(0.1, 0.5))
+    blob = next(r for r in rows if r["threshold"] == 0.1)
+    assert blob["f1"] == 1.0 and blob["dice"] < 0.1
+    assert best["threshold"] == 0.5 and best["dice"] > 0.3
