@@ -19,7 +19,12 @@ carries a parent's peak over to its children) and the ratio MONAI / ours with th
 mirroring, then the CUDA figures when a GPU is present (or says they were skipped). Runs
 are one at a time; run it on an otherwise idle machine. Always exits 0 unless a child fails.
 
-    python scripts/bench_predict.py [--quick] [--repeats 1] [--keep DIR]
+Fidelity: on a trained demo model (``segmenter demo``, 2 minutes, or ``--demo-run RUN``),
+the Dice between the masks of ``predict``'s path (per-window mirroring, windows of the
+config) and of the plain reference path (each of the 8 mirrorings of the whole volume through
+MONAI's ``sliding_window_inference``, averaged) on the demo's test phantoms (must stay >= 0.99).
+
+    python scripts/bench_predict.py [--quick] [--repeats 1] [--keep DIR] [--demo-run RUN]
 """
 
 from __future__ import annotations
@@ -162,6 +167,71 @@ def monai_predict(inputs: list[str], output: str, tta: bool, roi: int) -> None:
     nib.save(nib.Nifti1Image((prob > 0.5).astype(np.uint8), imgs[0].affine), output)
 
 
+# ----------------------------------------------------------------------- fidelity child
+
+
+def reference_logits(predictor, image: np.ndarray):  # noqa: ANN001, ANN201 (torch-free module)
+    """The plain 8-pass path: each mirroring of the whole volume through MONAI's sliding window
+    (the training patch, overlap 0.5, Gaussian sigma 1/8), flipped back and averaged."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from segmenter.inference.sliding_window import MIRROR_AXES
+
+    x = torch.from_numpy(np.array(image, np.float32))[None]
+    total = None
+    with torch.no_grad():
+        for axes in MIRROR_AXES:
+            xi = torch.flip(x, axes) if axes else x
+            out = sliding_window_inference(
+                xi, predictor.patch_size, 2, predictor.model, overlap=0.5, mode="gaussian",
+                sigma_scale=0.125,
+            )  # fmt: skip
+            out = torch.flip(out, axes) if axes else out
+            total = out if total is None else total + out
+    return (total / len(MIRROR_AXES))[0].numpy()
+
+
+def fidelity(run: str, images: str) -> list[float]:
+    """Dice of ``predict``'s mask against the reference path's, per test case of the run."""
+    import torch
+
+    from segmenter.data.layout import find_cases
+    from segmenter.evaluation.metrics import dice
+    from segmenter.inference.predictor import load_predictor
+    from segmenter.inference.sliding_window import foreground_probability, predict_logits
+    from segmenter.preprocessing.case import preprocess_arrays, read_case
+
+    torch.set_num_threads(2)
+    pred = load_predictor(run, device="cpu")
+    scores = []
+    for case in find_cases(Path(images), len(pred.channel_names), ".nii.gz"):
+        imgs, _ = read_case(case, with_label=False)
+        pre = preprocess_arrays([im.array for im in imgs], None, imgs[0].affine, imgs[0].spacing,
+                                case_id=case.case_id, spec=pred.plan.preprocessing)  # fmt: skip
+        fast = predict_logits(pred.model, pre.image, pred.patch_size, pred.config.inference,
+                              device=pred.device, tta=True)  # fmt: skip
+        masks = [foreground_probability(lg, pred.plan.activation) >= pred.plan.threshold
+                 for lg in (fast, reference_logits(pred, pre.image))]  # fmt: skip
+        scores.append(float(dice(masks[0].astype(np.uint8), masks[1].astype(np.uint8))))
+    return scores
+
+
+def report_fidelity(work: Path, demo_run: str | None) -> None:
+    """Train a demo model (unless given) and print the fidelity Dice of its test phantoms."""
+    if demo_run is None:
+        subprocess.run([sys.executable, "-m", "segmenter.cli", "demo", "--out", str(work / "demo"),
+                        "--minutes", "2"], cwd=REPO, check=True, capture_output=True)  # fmt: skip
+        demo_run = str(work / "demo" / "run")
+    images = Path(demo_run).parent / "data" / "Dataset900_Phantom" / "imagesTs"
+    argv = [sys.executable, __file__, "--fidelity-child", demo_run, str(images)]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    scores = json.loads(out.strip().splitlines()[-1])
+    print(f"\nfidelity on {len(scores)} demo test phantoms ({demo_run}): Dice of predict's mask "
+          f"against the plain 8-pass reference path: mean {np.mean(scores):.4f}, "
+          f"min {np.min(scores):.4f} (must stay >= 0.99)")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -213,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per row (the fastest kept)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep", help="keep the run folders, scans and masks in this folder")
+    parser.add_argument("--demo-run", help="trained demo run for the fidelity check (else trained)")
     parser.add_argument("--monai-child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--fidelity-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--prepare", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.prepare:
@@ -221,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         scans = scan_files(Path(folder), dataset, (int(x), int(y), int(z)), quick == "1")
         run = random_run(config, Path(folder) / "run", quick == "1")
         print(json.dumps({"run": str(run), "scans": [str(p) for p in scans]}))
+        return 0
+    if args.fidelity_child:
+        print(json.dumps(fidelity(*args.fidelity_child)))
         return 0
     if args.monai_child:
         *inputs, output, tta, roi = args.monai_child
@@ -241,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\nCUDA present: rerun with --device cuda for the GPU figures")
         elif cuda.stdout.strip() != "1":
             print("\nCUDA: no GPU here, GPU figures skipped")
+        report_fidelity(work, args.demo_run)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -192,7 +192,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predictors = predictor.load_predictors(args.model, device=args.device)
     options = predict.PredictOptions(
-        tta=False if args.no_tta else None,
+        tta=False if args.no_tta or args.tta == "none" else (True if args.tta else None),
+        mirroring=args.tta if args.tta in ("all", "single") else None,
         threshold=args.threshold,
         min_lesion_mm3=args.min_lesion_mm3,
         save_probabilities=args.save_probabilities,
@@ -377,7 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--output", required=True, help="mask file (one case) or folder")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--no-tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument(
+        "--tta", choices=("all", "single", "none"),
+        help="mirroring test-time augmentation: all 8 flips, single (no flip and the 3 "
+        "single-axis flips: half the time) or none (default: the run's, all)",
+    )  # fmt: skip
+    p.add_argument("--no-tta", action="store_true", help="the same as --tta none")
     p.add_argument(
         "--threshold", type=_probability, help="probability threshold (default: the run's)"
     )

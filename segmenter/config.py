@@ -330,7 +330,9 @@ class InferenceConfig:
 
     Attributes:
         overlap: sliding-window overlap fraction (nnU-Net: 0.5).
-        tta: mirroring test-time augmentation over all axis combinations.
+        tta: mirroring test-time augmentation.
+        mirroring: which mirrorings TTA averages: ``all`` (the 8 subsets of the three axes,
+            nnU-Net's) or ``single`` (no flip and the three single-axis flips: half the passes).
         threshold: foreground probability threshold of the mask.
         min_lesion_mm3: predicted components smaller than this are removed (mm3).
         sw_batch_size: windows per forward pass.
@@ -338,6 +340,7 @@ class InferenceConfig:
 
     overlap: float = 0.5
     tta: bool = True
+    mirroring: Literal["all", "single"] = "all"
     threshold: float = 0.5
     min_lesion_mm3: float = 0.0
     sw_batch_size: int = 2

@@ -43,3 +43,10 @@ def test_a_timed_child_reports_seconds_and_its_peak_memory() -> None:
     code = "import numpy as np; a = np.ones(64 * 2**20, np.uint8); a[::4096] = 2"
     timing = bench.run_timed([sys.executable, "-c", code])
     assert timing.seconds > 0 and timing.peak_mb > 64
+
+
+def test_predicts_path_gives_the_masks_of_the_plain_eight_pass_path(
+    trained_run: Path, phantoms: Path
+) -> None:
+    scores = _bench().fidelity(str(trained_run), str(phantoms / "imagesTs"))
+    assert len(scores) >= 2 and min(scores) >= 0.99

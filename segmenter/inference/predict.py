@@ -43,6 +43,7 @@ class PredictOptions:
     """Per-call overrides of the run's inference settings (None keeps the run's value)."""
 
     tta: bool | None = None
+    mirroring: str | None = None
     threshold: float | None = None
     min_lesion_mm3: float | None = None
     save_probabilities: bool = False
@@ -210,6 +211,7 @@ def predict_probability(
         logits = predict_logits(
             model.model, pre.image, model.patch_size, model.config.inference,
             device=model.device, dtype=model.dtype, tta=options.tta,
+            mirroring=options.mirroring,
         )  # fmt: skip
         prob = pre.restore(foreground_probability(logits, model.plan.activation))
         total = prob if total is None else total + prob

@@ -172,3 +172,28 @@ def test_one_case_given_as_files_is_written_to_the_named_file(
     (prediction,) = predict_all(predictor, channels(phantoms), out, PredictOptions(tta=False))
     assert prediction.mask_path == out and out.is_file()
     assert prediction.probability_path is None and not (tmp_path / PROBABILITY_FOLDER).exists()
+
+
+def test_tta_choices_of_the_command_line_reach_the_prediction(
+    trained_run: Path, phantoms: Path, tmp_path: Path
+) -> None:
+    from segmenter import cli
+
+    probabilities = {}
+    for choice in ("all", "single", "none"):
+        out = tmp_path / choice / "mask.nii.gz"
+        argv = ["predict", "--model", str(trained_run), "--input",
+                *map(str, channels(phantoms)), "--output", str(out), "--device", "cpu",
+                "--tta", choice, "--save-probabilities"]  # fmt: skip
+        assert cli.main(argv) == 0
+        probabilities[choice] = read_image(out.parent / PROBABILITY_FOLDER / out.name).array
+    no_tta = tmp_path / "no_tta" / "mask.nii.gz"
+    argv = ["predict", "--model", str(trained_run), "--input", *map(str, channels(phantoms)),
+            "--output", str(no_tta), "--device", "cpu", "--no-tta",
+            "--save-probabilities"]  # fmt: skip
+    assert cli.main(argv) == 0
+    np.testing.assert_array_equal(
+        read_image(no_tta.parent / PROBABILITY_FOLDER / no_tta.name).array, probabilities["none"]
+    )
+    for a, b in (("all", "single"), ("all", "none"), ("single", "none")):
+        assert np.abs(probabilities[a] - probabilities[b]).max() > 1e-4, (a, b)

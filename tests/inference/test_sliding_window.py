@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from segmenter.config import InferenceConfig
+from segmenter.inference import sliding_window as sw
 from segmenter.inference.sliding_window import (
     MIRROR_AXES,
     foreground_probability,
@@ -115,3 +116,47 @@ def test_softmax_probability_is_one_minus_the_background() -> None:
     # two foreground classes: background 1 / (1 + 1 + 2) leaves 0.75 for the foreground
     three = np.array([0.0, 0.0, ln2], np.float32).reshape(3, 1, 1, 1)
     np.testing.assert_allclose(foreground_probability(three, "softmax").ravel(), [0.75], atol=1e-6)
+
+
+def test_windows_step_by_the_overlap_and_the_last_one_ends_at_the_edge() -> None:
+    assert sw.window_starts(127, 64, 0.5) == [0, 32, 63]
+    assert sw.window_starts(160, 64, 0.5) == [0, 32, 64, 96]
+    assert sw.window_starts(127, 64, 0.25) == [0, 48, 63]
+    assert sw.window_starts(64, 64, 0.5) == sw.window_starts(40, 64, 0.5) == [0]
+    assert sw.window_starts(10, 4, 0.99) == list(range(7))  # the step is at least 1
+    boxes = sw.window_boxes((127, 160, 126), (64, 64, 64), 0.5)
+    assert len(boxes) == 3 * 4 * 3 and boxes[-1] == (slice(63, 127), slice(96, 160), slice(62, 126))
+
+
+def test_the_gaussian_peaks_at_the_centre_and_never_reaches_zero() -> None:
+    g = sw.gaussian_weights((8, 6, 5))
+    assert g.shape == (8, 6, 5) and g.dtype == torch.float32
+    assert float(g.max()) == pytest.approx(1.0) and float(g.min()) > 0.0
+    torch.testing.assert_close(g, g.flip(0).flip(1).flip(2))  # symmetric about the centre
+    assert int(g.sum(dim=(0, 1)).argmax()) == 2  # z: 5 voxels, centre 2
+
+
+def test_one_pass_of_all_mirrored_copies_equals_one_pass_per_mirroring() -> None:
+    model = shift_model()
+    x = torch.from_numpy(volume(1, (12, 10, 8), seed=3)).view(2, 1, 6, 10, 8)
+    with torch.no_grad():
+        together = sw._mirrored_forward(model, x, MIRROR_AXES, None, together=True)
+        apart = sw._mirrored_forward(model, x, MIRROR_AXES, None, together=False)
+    torch.testing.assert_close(together, apart)
+
+
+def test_single_axis_mirroring_runs_no_flip_and_the_three_single_flips() -> None:
+    assert sw.mirror_set(False, "all") == sw.mirror_set(False, "single") == ((),)
+    assert sw.mirror_set(True, "all") == MIRROR_AXES
+    assert sw.mirror_set(True, "single") == ((), (2,), (3,), (4,))
+    # X is flipped in 1 of the 4 single mirrorings: the mean kernel is 1.75, 2, 3.25
+    image = volume(1, (9, 7, 5), seed=2)
+    cfg = InferenceConfig(tta=True, mirroring="single")
+    mirrored = predict_logits(shift_model(), image, (16, 8, 8), cfg, device=CPU)
+    model = shift_model()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([1.75, 2.0, 3.25]).view(1, 1, 3, 1, 1))
+        expected = model(torch.from_numpy(image)[None])[0].numpy()
+    np.testing.assert_allclose(mirrored, expected, atol=1e-5)
+    overridden = predict_logits(shift_model(), image, (16, 8, 8), cfg, device=CPU, mirroring="all")
+    assert np.abs(overridden - mirrored).max() > 0.1
