@@ -43,6 +43,9 @@ Prediction, one case (the largest over the models of an ensemble):
   keeps) ``+ 8N`` (probabilities) ``+ 8N`` (threshold, components, mask);
 - an ensemble holds the running sum of probabilities (``4N``) in every phase.
 
+A folder is read one case ahead (:class:`segmenter.inference.predict.ReadAhead`): each case's
+estimate adds the next case's ``ch + dec``, read while it is predicted.
+
 Training, all cases (``data.cache_dir`` empty: every preprocessed case is held in RAM):
 
 - the resident dataset: ``(4C + 1) M`` per case (float32 image, uint8 label); none with
@@ -446,7 +449,8 @@ def case_volume(case: Case, *, with_label: bool = False) -> Volume:
 def check_prediction(
     cases: Sequence[Case], runs: Sequence[InferenceSetting], *, available: int | None = None
 ) -> None:
-    """Refuse, before any case is read, a case whose prediction would not fit in memory.
+    """Refuse, before any case is read, a case whose prediction (with the next case's channels
+    read meanwhile, see the module docstring) would not fit in memory.
 
     Args:
         cases: the cases to predict (only their headers are read).
@@ -462,8 +466,9 @@ def check_prediction(
     limit = _available(available)
     if limit is None:
         return
-    for volume in volumes:
-        needs = prediction_estimate(volume, runs).total
+    for i, volume in enumerate(volumes):
+        ahead = volumes[i + 1].held_bytes if i + 1 < len(volumes) else 0  # read meanwhile
+        needs = prediction_estimate(volume, runs).total + ahead
         if needs > limit:
             raise _refusal(
                 volume.path, needs, f"predict ({volume.describe()})", limit,

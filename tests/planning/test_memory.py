@@ -152,6 +152,18 @@ def test_an_unknown_available_figure_checks_nothing(
     check_prediction([Case("scan", (scan,))], [setting()])
 
 
+def test_a_folders_case_counts_the_next_case_read_meanwhile(tmp_path: Path) -> None:
+    # headers over payloads gzip can hold (no voxel is read)
+    big = Case("big", (huge_nifti(tmp_path / "big_0000.nii.gz", (24, 24, 24)),))
+    small = Case("small", (huge_nifti(tmp_path / "small_0000.nii.gz", (16, 16, 16)),))
+    alone = prediction_estimate(Volume.from_headers([io.read_info(big.images[0])]), [setting()])
+    ahead = Volume.from_headers([io.read_info(small.images[0])]).held_bytes
+    check_prediction([small, big], [setting()], available=alone.total)  # big: nothing after it
+    with pytest.raises(InputError, match=r"big_0000\.nii\.gz: needs about .* to predict"):
+        check_prediction([big, small], [setting()], available=alone.total + ahead - 1)
+    check_prediction([big, small], [setting()], available=alone.total + ahead)
+
+
 def test_a_prediction_that_does_not_fit_is_refused_in_one_line_and_nothing_is_written(
     trained_run: Path, phantoms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
