@@ -16,6 +16,10 @@ Training faults (tiny phantoms, size 32; a couple of minutes on 2 cores):
   validation, while ``last.pt`` is written, half of it on disk), then ``--resume`` until done,
   with ``data.num_workers`` 0 and 2.
 
+Prediction faults: ``predict`` of a folder SIGKILLed while its third mask is written (half of
+it on disk), then ``predict --resume``: the masks written before are kept, the rest predicted,
+every mask is an uninterrupted predict's and no temporary file is left.
+
 Faults are injected in a child process (``child`` below) by patching it before ``segmenter.cli``
 runs: a moment is "the N-th backward pass", "the N-th validation case", "the N-th write onto a
 file named NAME" (just before the atomic rename), so a kill lands where it is meant to, not by
@@ -504,6 +508,42 @@ def crossval_case(ctx: Context) -> Row:
                int(bool(lost)))  # fmt: skip
 
 
+def same_mask(path: Path, reference: Path) -> bool:
+    """Whether the mask file ``path`` exists and holds the voxels of ``reference``."""
+    from segmenter.io import read_image
+
+    return path.is_file() and bool((read_image(path).array == read_image(reference).array).all())
+
+
+def predict_resume_case(ctx: Context) -> Row:
+    """``predict`` of the phantoms' folder killed (SIGKILL) while its third mask is written, half
+    of it on disk; ``predict --resume`` keeps the two masks written, predicts the others, and
+    ends with an uninterrupted predict's masks and no temporary file."""
+    run = ctx.reference({"data.num_workers": 0})
+    whole, out = ctx.root / "predict_whole", ctx.root / "predict_killed"
+    command = ["predict", "--model", str(run), "--input", str(ctx.dataset / "imagesTr"),
+               "--no-tta", "--output"]  # fmt: skip
+    if run_here([*command, str(whole)]).returncode != 0:
+        raise RuntimeError("the uninterrupted predict failed")
+    names = sorted(p.name for p in whole.glob("*.nii.gz") if not p.name.startswith("."))
+    first = run_child([f"--fault=kill@write:{names[2]}#1", "--", *command, str(out)])
+    written = {n: (out / n).stat().st_mtime_ns for n in names if (out / n).is_file()}
+    left = leftovers(out)
+    rerun = run_here([*command, str(out), "--resume"])
+    lost = [f"{n} differs" for n in names if not same_mask(out / n, whole / n)]
+    lost += [
+        f"{n} predicted again" for n, t in written.items() if (out / n).stat().st_mtime_ns != t
+    ]
+    lost += [f"left {p}" for p in leftovers(out)]
+    happened = (f"exit {first.returncode} with {len(written)} of {len(names)} masks and "
+                f"{len(left)} temporary file(s); --resume: exit {rerun.returncode}, "
+                f"{'lost: ' + ', '.join(lost) if lost else 'nothing lost'}")  # fmt: skip
+    handled = (first.returncode == -signal.SIGKILL and sorted(written) == names[:2]
+               and rerun.returncode == 0 and not lost)  # fmt: skip
+    return Row("SIGKILL writing the 3rd mask of 6", "predict DIR; predict DIR --resume", happened,
+               handled, int(bool(lost)))  # fmt: skip
+
+
 #: The matrix: (name, case). Other fault families append theirs.
 CASES: list[tuple[str, Callable[[Context], Row]]] = [
     ("sigterm-after-step", lambda c: stop_signal_case(c, "sigterm_step", ["SIGTERM@backward#3"])),
@@ -518,6 +558,7 @@ CASES: list[tuple[str, Callable[[Context], Row]]] = [
     ("sigkill-x3", lambda c: kill_series_case(c, workers=0)),
     ("sigkill-x3-workers", lambda c: kill_series_case(c, workers=2)),
     ("crossval-sigterm", crossval_case),
+    ("predict-sigkill-resume", predict_resume_case),
 ]  # fmt: skip
 
 

@@ -69,7 +69,9 @@ def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     return Path(dst)
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+def remove_stale_temporaries(
+    folder: str | os.PathLike[str], *, recursive: bool = True
+) -> list[Path]:
     """Delete the temporary files (:data:`TEMPORARY_NAME`) that killed writers left in ``folder``
     and below.
 
@@ -78,6 +80,8 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
 
     Args:
         folder: the output folder (a missing one holds nothing).
+        recursive: also in its subfolders (False: ``folder`` itself only, for a folder whose
+            subfolders another process may own).
 
     Returns:
         The files removed, sorted.
@@ -85,7 +89,8 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         return []
-    stale = sorted(p for p in root.rglob(".*.tmp*") if TEMPORARY_NAME.match(p.name) and p.is_file())
+    found = root.rglob(".*.tmp*") if recursive else root.glob(".*.tmp*")
+    stale = sorted(p for p in found if TEMPORARY_NAME.match(p.name) and p.is_file())
     for path in stale:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -187,6 +187,30 @@ def _default_run_dir(config_path: str | None, fold: int | str) -> Path:
     return fold_dir(Path("runs") / stem, fold)
 
 
+def _case_report(desc: str) -> tuple[Callable[[Iterable[T], int], Iterable[T]], Any]:
+    """A ``progress(iterable, total)`` bar over the cases to predict, and the ``on_case``
+    callback that prints each written case's line (above the bar) as it comes and shows its
+    seconds in the bar's postfix."""
+    from tqdm.auto import tqdm
+
+    bars: list[Any] = []
+
+    def wrap(iterable: Iterable[T], total: int) -> Iterable[T]:
+        bars.append(tqdm(iterable, total=total, desc=desc, unit="case", file=sys.stderr,
+                         leave=False))  # fmt: skip
+        return bars[-1]
+
+    def report(r: Any) -> None:
+        if r.skipped:
+            return  # logged by predict
+        if bars:
+            bars[-1].set_postfix_str(f"last {r.seconds:.1f} s", refresh=False)
+        line = f"{r.case_id}: {r.seconds:.1f} s, {r.n_lesion_voxels} lesion voxels -> {r.mask_path}"
+        tqdm.write(line, file=sys.stdout)
+
+    return wrap, report
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from segmenter.inference import predict, predictor
 
@@ -198,15 +222,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         min_lesion_mm3=args.min_lesion_mm3,
         save_probabilities=args.save_probabilities,
     )
+    progress, on_case = _case_report("predict")
     results = predict.predict_all(
-        predictors, args.input, args.output, options, progress=_progress("predict")
+        predictors, args.input, args.output, options, progress=progress, resume=args.resume,
+        on_case=on_case,
+    )  # fmt: skip
+    made = [r for r in results if not r.skipped]
+    skipped = f", {len(results) - len(made)} skipped (finished before)" if args.resume else ""
+    mean = sum(r.seconds for r in made) / len(made) if made else 0.0
+    models = f"{len(predictors)} models" if len(predictors) > 1 else "1 model"
+    print(
+        f"{len(made)} case(s) predicted{skipped}, {mean:.1f} s per case on "
+        f"{predictors[0].device} ({models})"
     )
-    for r in results:
-        print(f"{r.case_id}: {r.seconds:.1f} s, {r.n_lesion_voxels} lesion voxels -> {r.mask_path}")
-    if results:
-        mean = sum(r.seconds for r in results) / len(results)
-        models = f"{len(predictors)} models" if len(predictors) > 1 else "1 model"
-        print(f"{len(results)} case(s), {mean:.1f} s per case on {predictors[0].device} ({models})")
     return 0
 
 
@@ -393,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--save-probabilities", action="store_true",
         help="also write float32 probability maps (OUTPUT/probabilities/)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resume", action="store_true",
+        help="skip the cases whose mask (and probability map) OUTPUT already holds",
     )  # fmt: skip
     p.set_defaults(func=_cmd_predict)
 

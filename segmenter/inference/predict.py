@@ -8,6 +8,13 @@ default) and puts the probabilities back into the scan's grid (linear resampling
 original axis order). The models' probabilities are averaged, thresholded, lesions below a
 minimum size in mm3 removed, and a uint8 mask (and optionally the float32 probability map) is
 written with the input's geometry.
+
+A folder of cases is streamed: the next case's files are read in a background thread while the
+current one is predicted (one case ahead at most, so two cases are in memory at a time), and
+its masks are the ones predicting case by case gives. Every write is atomic (a temporary file
+renamed), so a mask or probability file exists under its name only once complete; with
+``resume`` the cases whose outputs all exist are skipped, and the temporary files a killed run
+left in the output folder are removed under its lock.
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from segmenter.atomic import remove_stale_temporaries
 from segmenter.data.layout import Case, find_cases
 from segmenter.errors import InputError
 from segmenter.evaluation.postprocess import probabilities_to_mask
@@ -59,13 +68,19 @@ class PredictOptions:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One written case."""
+    """One case: written now, or (``skipped``) found complete by ``resume``.
+
+    Attributes:
+        seconds: the time reading, predicting and writing took (0 when skipped).
+        n_lesion_voxels: foreground voxels of the mask written; None when skipped (not read).
+    """
 
     case_id: str
     mask_path: Path
     probability_path: Path | None
     seconds: float
-    n_lesion_voxels: int
+    n_lesion_voxels: int | None
+    skipped: bool = False
 
 
 def collect_cases(inputs: Sequence[str | Path], predictor: Predictor) -> list[Case]:
@@ -176,7 +191,11 @@ def check_headers(cases: Sequence[Case]) -> None:
 
 
 def predict_probability(
-    predictor: Predictor | Sequence[Predictor], case: Case, options: PredictOptions
+    predictor: Predictor | Sequence[Predictor],
+    case: Case,
+    options: PredictOptions,
+    *,
+    images: Sequence[Image] | None = None,
 ) -> tuple[np.ndarray, Image]:
     """Foreground probabilities of one case on its own grid, averaged over the models.
 
@@ -185,6 +204,12 @@ def predict_probability(
     all hold one value is warned about; when every channel does (an all-zero scan), the
     probabilities are 0 without running the models, so its mask is empty.
 
+    Args:
+        predictor: one model or several (averaged).
+        case: the case's channel files.
+        options: TTA (the threshold and size are not used here).
+        images: the case's channels already read (:func:`read_channels`); None reads them.
+
     Returns:
         ``(X, Y, Z)`` float32 probabilities and the case's channel 0 (its geometry).
 
@@ -192,7 +217,8 @@ def predict_probability(
         InputError: unreadable files, or another number of channels than the models take.
     """
     models = ensemble(predictor)
-    images, _ = read_case(case, with_label=False)
+    if images is None:
+        images = read_channels(case)
     n_channels = len(models[0].channel_names)
     if len(images) != n_channels:
         raise InputError(
@@ -219,15 +245,36 @@ def predict_probability(
     return (total / len(models)).astype(np.float32), images[0]
 
 
+def read_channels(case: Case) -> list[Image]:
+    """A case's channel images (:func:`segmenter.preprocessing.case.read_case`, no label).
+
+    Raises:
+        InputError: an unreadable file, channels on different grids, NaN/inf voxels.
+    """
+    images, _ = read_case(case, with_label=False)
+    return images
+
+
+def probability_path(mask_path: Path) -> Path:
+    """Where ``--save-probabilities`` writes the map of the mask at ``mask_path``."""
+    return mask_path.parent / PROBABILITY_FOLDER / mask_path.name
+
+
 def predict_case(
-    predictor: Predictor | Sequence[Predictor], case: Case, mask_path: Path, options: PredictOptions
+    predictor: Predictor | Sequence[Predictor],
+    case: Case,
+    mask_path: Path,
+    options: PredictOptions,
+    *,
+    images: Sequence[Image] | None = None,
 ) -> Prediction:
     """Predict one case (one model, or the mean probability of several) and write its mask
-    (and probabilities when asked). Threshold and minimum lesion size: ``options``, else the
-    first model's run (its tuned post-processing, when it has one)."""
+    (and probabilities when asked; :func:`probability_path`). Threshold and minimum lesion
+    size: ``options``, else the first model's run (its tuned post-processing, when it has one).
+    ``images``: the case's channels already read (see :func:`predict_probability`)."""
     start = time.perf_counter()
     models = ensemble(predictor)
-    prob, reference = predict_probability(models, case, options)
+    prob, reference = predict_probability(models, case, options, images=images)
     threshold, min_mm3 = options.postprocessing(models[0].plan)
     mask = probabilities_to_mask(
         prob, reference.spacing, threshold=threshold, min_lesion_mm3=min_mm3
@@ -235,7 +282,7 @@ def predict_case(
     write_like(mask_path, mask, reference)
     prob_path = None
     if options.save_probabilities:
-        prob_path = mask_path.parent / PROBABILITY_FOLDER / mask_path.name
+        prob_path = probability_path(mask_path)
         write_like(prob_path, prob, reference)
     return Prediction(
         case_id=case.case_id,
@@ -258,21 +305,149 @@ def memory_settings(
     ]
 
 
+def outputs_complete(mask_path: Path, options: PredictOptions) -> bool:
+    """Whether a case's outputs are all written: its mask and, with
+    ``options.save_probabilities``, its probability map. Writes are atomic, so a file that
+    exists is complete."""
+    if not mask_path.is_file():
+        return False
+    return not options.save_probabilities or probability_path(mask_path).is_file()
+
+
+class ReadAhead:
+    """Reads cases' channels (:func:`read_channels`) in a background thread, one case ahead.
+
+    :meth:`take` returns a case's channels, waiting for their read to end, and starts reading
+    the next case of the list, so at most two cases' images are held at a time: the one taken
+    (being predicted) and the next. A read's error (an :class:`InputError`) is raised by the
+    :meth:`take` of its case. Use it as a context manager: on exit the thread ends (a read
+    under way is finished, none is started).
+
+    Args:
+        cases: the cases, in the order they will be taken.
+        read: what reads a case (default :func:`read_channels`).
+    """
+
+    def __init__(
+        self, cases: Sequence[Case], read: Callable[[Case], list[Image]] | None = None
+    ) -> None:
+        self._cases = list(cases)
+        self._read = read or read_channels
+        self._index = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segmenter-read")
+        self._ahead: Future[list[Image]] | None = None
+
+    def __enter__(self) -> ReadAhead:
+        self._start(0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ahead = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _start(self, index: int) -> None:
+        self._index = index
+        inside = index < len(self._cases)
+        self._ahead = self._pool.submit(self._read, self._cases[index]) if inside else None
+
+    def take(self, case: Case) -> list[Image]:
+        """``case``'s channel images; ``case`` must be the next of the list.
+
+        Raises:
+            InputError: the case's files could not be read (see :func:`read_channels`).
+            ValueError: ``case`` is not the next case.
+        """
+        ahead = self._ahead
+        if ahead is None or self._cases[self._index] is not case:
+            raise ValueError(f"{case.case_id}: not the next case to read")
+        self._ahead = None
+        images = ahead.result()
+        del ahead  # the future holds the images too: drop it before the next read starts
+        self._start(self._index + 1)
+        return images
+
+
+def _skipped(case: Case, mask_path: Path, options: PredictOptions) -> Prediction:
+    """A case ``resume`` finds complete (logged)."""
+    logger.info("%s: finished before (%s exists), skipped", case.case_id, mask_path)
+    prob_path = probability_path(mask_path) if options.save_probabilities else None
+    return Prediction(case.case_id, mask_path, prob_path, 0.0, None, skipped=True)
+
+
+def _predict_cases(
+    models: Sequence[Predictor],
+    cases: Sequence[Case],
+    paths: dict[str, Path],
+    options: PredictOptions,
+    *,
+    resume: bool,
+    progress: Callable[[Iterable[Any], int], Iterable[Any]] | None,
+    on_case: Callable[[Prediction], None] | None,
+) -> list[Prediction]:
+    """:func:`predict_all` once the inputs are checked and the output folder locked: the
+    finished cases skipped (with ``resume``), the others streamed (:class:`ReadAhead`)."""
+    report = on_case or (lambda prediction: None)
+    done: dict[str, Prediction] = {}
+    for case in cases:
+        if resume and outputs_complete(paths[case.case_id], options):
+            done[case.case_id] = _skipped(case, paths[case.case_id], options)
+            report(done[case.case_id])
+    pending = [c for c in cases if c.case_id not in done]
+    iterable: Iterable[Case] = pending if progress is None else progress(pending, len(pending))
+    with ReadAhead(pending) as reader:
+        for case in iterable:
+            done[case.case_id] = predict_case(
+                models, case, paths[case.case_id], options, images=reader.take(case)
+            )
+            report(done[case.case_id])
+    return [done[c.case_id] for c in cases]
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove the temporary files a killed ``predict`` left in its output folder (and its
+    probability folder; not in other subfolders, which other commands may own)."""
+    stale = [p for sub in (folder, folder / PROBABILITY_FOLDER)
+             for p in remove_stale_temporaries(sub, recursive=False)]  # fmt: skip
+    if stale:
+        names = ", ".join(str(p.relative_to(folder)) for p in stale)
+        logger.info("removed %d temporary file(s) a killed run left: %s", len(stale), names)
+
+
 def predict_all(
     predictor: Predictor | Sequence[Predictor],
     inputs: Sequence[str | Path],
     output: str | Path,
     options: PredictOptions,
     progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+    *,
+    resume: bool = False,
+    on_case: Callable[[Prediction], None] | None = None,
 ) -> list[Prediction]:
     """Predict every case of ``inputs`` into ``output`` with one model or the mean of several
-    (see the module docstring).
+    (see the module docstring), reading each case while the one before it is predicted.
 
-    Before anything is read or written, every case's headers are checked against the memory
-    available (:func:`segmenter.planning.memory.check_prediction`).
+    Before anything is read or written, every case's headers are checked, and checked against
+    the memory available (:func:`segmenter.planning.memory.check_prediction`). A folder output
+    is locked (:class:`segmenter.locking.FolderLock`) and the temporary files a killed run left
+    in it removed.
+
+    Args:
+        predictor: one model or several (their probabilities averaged).
+        inputs: one case's channel files, or one folder of cases.
+        output: the mask file (one case given as files) or folder.
+        options: TTA, threshold, minimum lesion size, probability maps.
+        progress: ``progress(cases, n)`` wraps the cases to predict (a progress bar).
+        resume: skip the cases whose outputs are complete (:func:`outputs_complete`); without
+            it, existing masks are overwritten.
+        on_case: called with each case's :class:`Prediction` once it is written or skipped.
+
+    Returns:
+        One :class:`Prediction` per case, in input order (``skipped`` ones included).
 
     Raises:
-        InputError: bad inputs, or a case whose prediction would not fit in memory.
+        InputError: bad inputs, or a case whose prediction would not fit in memory; a case
+            whose voxels cannot be read stops the call when it is reached (the cases before it
+            are written).
     """
     predictor = ensemble(predictor)
     cases = collect_cases(inputs, predictor[0])
@@ -280,14 +455,16 @@ def predict_all(
     paths = output_paths(cases, output, single_file_ok=single)
     check_headers(cases)
     check_prediction(cases, memory_settings(predictor, options))
-    iterable: Iterable[Case] = cases
-    if progress is not None:
-        iterable = progress(cases, len(cases))
     one_file = list(paths.values()) == [Path(output)]
     created = not Path(output).exists()
     try:
         with contextlib.nullcontext() if one_file else FolderLock(output, "predict"):
-            return [predict_case(predictor, c, paths[c.case_id], options) for c in iterable]
+            if not one_file:
+                _remove_stale(Path(output))
+            return _predict_cases(
+                predictor, cases, paths, options, resume=resume, progress=progress,
+                on_case=on_case,
+            )  # fmt: skip
     except InputError:
         if created and not one_file:
             remove_unused(Path(output))  # refused before any mask: leave no empty folder

@@ -30,11 +30,10 @@ Prediction, one case (the largest over the models of an ensemble):
   values in float64, their percentile copy and clipped copies); with resampling the larger of
   ``4CN + 8N + 8CM`` (the cubic spline's float64 coefficients, the channels resampled and
   stacked) and ``8CM + 24M`` (normalising);
-- ``window``: ``ch + dec + 4CM`` (the preprocessed image) + the tensor copy ``4CM`` and, with
-  TTA, its mirror ``4CM`` + the sliding-window accumulators, the larger of
-  ``4M(K+1) + 4KM [TTA]`` (MONAI's float32 output and count map beside the running TTA sum)
-  and ``4KM x (3 with TTA, 2 without)`` (flipping and adding a mirror's logits) + the windows,
-  ``4P`` (importance map) ``+ 4(C+2K)WP`` (windows in and out) ``+ WP x``
+- ``window``: ``ch + dec + 4CM`` (the preprocessed image) + the tensor copy ``4CM`` + the
+  sliding-window accumulators ``4M(K+1)`` (weighted sums and weights) ``+ 4KM`` (their
+  quotient) + the windows, ``4P`` (importance map) ``+ 4(C+2K)WP`` (windows in and out; with
+  TTA ``4(C+3K)WP``, the mirrors' running sum) ``+ WP x``
   :data:`INFERENCE_BYTES_PER_VOXEL` ``+`` :data:`INFERENCE_SCRATCH_BYTES`; with the model on
   an accelerator the tensors and windows live there and the host holds ``4CM`` for the copy;
 - ``restore``: ``ch + dec + 4CM + 4KM`` (logits) + the larger of ``4M(K+2)`` (probabilities)
@@ -42,6 +41,9 @@ Prediction, one case (the largest over the models of an ensemble):
 - ``post``: ``ch + dec`` (channel 0 is the output geometry; the rest is heap the allocator
   keeps) ``+ 8N`` (probabilities) ``+ 8N`` (threshold, components, mask);
 - an ensemble holds the running sum of probabilities (``4N``) in every phase.
+
+A folder is read one case ahead (:class:`segmenter.inference.predict.ReadAhead`): each case's
+estimate adds the next case's ``ch + dec``, read while it is predicted.
 
 Training, all cases (``data.cache_dir`` empty: every preprocessed case is held in RAM):
 
@@ -128,9 +130,10 @@ PREPROCESS_THREADS = 2
 #: 26 MB (no TTA) and 50 MB (TTA) above it.
 SLACK_FRACTION = 0.10
 SLACK_BYTES = 64_000_000
-#: What ``predict`` takes on first use besides its arrays (MONAI's inferers, oneDNN's kernels,
-#: the writers): a cold prediction of a 64^3 phantom grew by 75-80 MB more than a warm one.
-PREDICT_RUNTIME_BYTES = 128_000_000
+#: What ``predict`` takes on first use besides its arrays (oneDNN's kernels, the writers): a
+#: cold prediction of a 64^3 phantom grew by 75-80 MB more than a warm one when it still
+#: imported MONAI's inferers; without them the whole cold prediction grew by 66 MB.
+PREDICT_RUNTIME_BYTES = 64_000_000
 #: The same for ``train`` (matplotlib for the curves as well): a cold tiny training run grew by
 #: 216 MB, a warm one by 57 MB.
 TRAIN_RUNTIME_BYTES = 192_000_000
@@ -312,11 +315,12 @@ def _window_bytes(channels: int, run: InferenceSetting, m: int) -> int:
     c, k, p, w = channels, run.out_channels, math.prod(run.patch_size), run.sw_batch_size
     if run.on_accelerator:
         return F32 * c * m
-    tta = int(run.tta)
-    accumulators = max(F32 * m * (k + 1) + F32 * k * m * tta, F32 * k * m * (3 if tta else 2))
-    windows = F32 * p + F32 * (c + 2 * k) * w * p + INFERENCE_SCRATCH_BYTES
+    # the sums and weights of the windows, then their quotient; mirroring flips windows, not
+    # the volume, so it only adds a window-sized running sum
+    accumulators = F32 * m * (k + 1) + F32 * k * m
+    windows = F32 * p + F32 * (c + (3 if run.tta else 2) * k) * w * p + INFERENCE_SCRATCH_BYTES
     windows += _activations(INFERENCE_BYTES_PER_VOXEL, w * p, run.base_filters)
-    return F32 * c * m * (1 + tta) + accumulators + windows
+    return F32 * c * m + accumulators + windows
 
 
 def _restore_bytes(volume: Volume, run: InferenceSetting, m: int) -> int:
@@ -446,7 +450,8 @@ def case_volume(case: Case, *, with_label: bool = False) -> Volume:
 def check_prediction(
     cases: Sequence[Case], runs: Sequence[InferenceSetting], *, available: int | None = None
 ) -> None:
-    """Refuse, before any case is read, a case whose prediction would not fit in memory.
+    """Refuse, before any case is read, a case whose prediction (with the next case's channels
+    read meanwhile, see the module docstring) would not fit in memory.
 
     Args:
         cases: the cases to predict (only their headers are read).
@@ -462,8 +467,9 @@ def check_prediction(
     limit = _available(available)
     if limit is None:
         return
-    for volume in volumes:
-        needs = prediction_estimate(volume, runs).total
+    for i, volume in enumerate(volumes):
+        ahead = volumes[i + 1].held_bytes if i + 1 < len(volumes) else 0  # read meanwhile
+        needs = prediction_estimate(volume, runs).total + ahead
         if needs > limit:
             raise _refusal(
                 volume.path, needs, f"predict ({volume.describe()})", limit,

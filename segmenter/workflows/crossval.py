@@ -5,7 +5,9 @@
 - **predict out of fold**: each fold's model predicts its own validation cases with the run's
   inference settings (mirroring TTA by default) in the scans' native geometry, into
   ``OUT/oof/probabilities``; a rerun reads the maps of folds not retrained since (timings in
-  ``OUT/oof/seconds.json``) instead of predicting them again;
+  ``OUT/oof/seconds.json``) instead of predicting them again, so a rerun after an interruption
+  in this step predicts only the cases not written yet (every write is atomic: a map exists
+  whole or not at all; the temporary files a killed run left are removed on the rerun);
 - **tune**: a grid search (:mod:`segmenter.evaluation.tuning`) picks the threshold and minimum
   lesion size in mm3 (the sizes reach a tenth of the median volume of the reference lesions the
   evaluation rule counts, :func:`segmenter.evaluation.tuning.min_size_grid`);
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from segmenter.atomic import copy_file, write_text
+from segmenter.atomic import copy_file, remove_stale_temporaries, write_text
 from segmenter.config import Config, save_config
 from segmenter.data.layout import Case, load_dataset
 from segmenter.data.splits import fold_dir, resolve_dataset
@@ -254,6 +256,7 @@ def _run_crossval(
     thresholds: Sequence[float],
     min_sizes_mm3: Sequence[float] | None,
 ) -> CrossvalResult:
+    _remove_stale(folder)
     save_config(cfg, folder / "config.yaml")
     trained = _train_folds(cfg, folder, chosen, progress)
     oof = predict_out_of_fold(cfg, folder, chosen)
@@ -280,6 +283,16 @@ def _run_crossval(
         postprocessing=json.loads(text),
         summary=summary,
     )
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove the temporary files a killed ``crossval`` left in its folder and under ``oof``
+    (each fold's run removes its own when it is trained, :func:`segmenter.training.loop.fit`)."""
+    stale = remove_stale_temporaries(folder, recursive=False)
+    stale += remove_stale_temporaries(folder / "oof")
+    if stale:
+        names = ", ".join(str(p.relative_to(folder)) for p in stale)
+        log.info("removed %d temporary file(s) a killed run left: %s", len(stale), names)
 
 
 def _num(value: Any) -> float:

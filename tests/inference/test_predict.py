@@ -1,17 +1,26 @@
 """Tests for segmenter.inference.predict: the cases ``--input`` names, where their masks go, which
-threshold and minimum size apply, and masks written in the input's geometry."""
+threshold and minimum size apply, masks written in the input's geometry, a folder read one case
+ahead, and ``--resume`` after a failure or a kill."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_faults import fm
 
+from segmenter.cli import main
 from segmenter.data.layout import Case
 from segmenter.errors import InputError
+from segmenter.inference import predict as predict_module
 from segmenter.inference.predict import (
     PROBABILITY_FOLDER,
     PredictOptions,
@@ -19,10 +28,11 @@ from segmenter.inference.predict import (
     ensemble,
     output_paths,
     predict_all,
+    predict_case,
     predict_probability,
 )
 from segmenter.inference.predictor import Predictor
-from segmenter.io import read_image
+from segmenter.io import read_image, write_like
 
 
 def channels(phantoms: Path, case: str = "phantom_test_000") -> list[Path]:
@@ -197,3 +207,142 @@ def test_tta_choices_of_the_command_line_reach_the_prediction(
     )
     for a, b in (("all", "single"), ("all", "none"), ("single", "none")):
         assert np.abs(probabilities[a] - probabilities[b]).max() > 1e-4, (a, b)
+# ------------------------------------------------------------------------------------------
+# streaming a folder, --resume, a killed predict
+
+
+def case_folder(phantoms: Path, folder: Path, names: list[str]) -> Path:
+    """A folder of cases named ``names``, copies of the test phantoms in turn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        for c, src in enumerate(channels(phantoms, f"phantom_test_{i % 2:03d}")):
+            shutil.copy(src, folder / f"{name}_{c:04d}.nii.gz")
+    return folder
+
+
+def masks(folder: Path) -> list[str]:
+    """The mask files in ``folder`` (temporary files, hidden, left out)."""
+    return sorted(p.name for p in folder.glob("*.nii.gz") if not p.name.startswith("."))
+
+
+def test_a_folder_is_read_one_case_ahead_in_a_thread_and_gives_the_sequential_masks(
+    predictor: Predictor, phantoms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = ["a", "b", "c", "d"]
+    inputs, out = case_folder(phantoms, tmp_path / "in", names), tmp_path / "streamed"
+    options = PredictOptions(tta=False, threshold=0.5, min_lesion_mm3=0.0, save_probabilities=True)
+    started = {n: threading.Event() for n in names}
+    reads: list[tuple[str, str, int]] = []  # case, thread, masks written when its read began
+    overlapped: list[bool] = []
+    read_case, predict_logits = predict_module.read_case, predict_module.predict_logits
+
+    def reading(case: Case, *, with_label: bool) -> object:
+        reads.append((case.case_id, threading.current_thread().name, len(masks(out))))
+        started[case.case_id].set()
+        return read_case(case, with_label=with_label)
+
+    def computing(*args: object, **kwargs: object) -> object:
+        nxt = len(overlapped) + 1  # while case k is predicted, case k + 1 is being read
+        overlapped.append(nxt == len(names) or started[names[nxt]].wait(timeout=10))
+        return predict_logits(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "read_case", reading)
+    monkeypatch.setattr(predict_module, "predict_logits", computing)
+    streamed = predict_all(predictor, [inputs], out, options)
+    assert [r[0] for r in reads] == names and overlapped == [True] * 4
+    assert all(r[1].startswith("segmenter-read") for r in reads)
+    assert [r[2] for r in reads] == [0, 0, 1, 2]  # one case ahead, never two
+    monkeypatch.undo()
+    for case, prediction in zip(collect_cases([inputs], predictor), streamed, strict=True):
+        alone = predict_case(predictor, case, tmp_path / "alone" / f"{case.case_id}.nii.gz",
+                             options)  # fmt: skip
+        for a, b in ((alone.mask_path, prediction.mask_path),
+                     (alone.probability_path, prediction.probability_path)):  # fmt: skip
+            assert a is not None and b is not None
+            np.testing.assert_array_equal(read_image(a).array, read_image(b).array)
+
+
+def test_a_case_that_cannot_be_read_stops_a_folder_when_it_is_reached(
+    trained_run: Path, phantoms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inputs = case_folder(phantoms, tmp_path / "in", ["a", "b", "c"])
+    broken = read_image(inputs / "b_0001.nii.gz")
+    broken.array[3, 4, 5] = np.nan  # a header check cannot see it; reading the voxels does
+    write_like(inputs / "b_0001.nii.gz", broken.array, broken)
+    out = tmp_path / "pred"
+    argv = ["predict", "--model", str(trained_run), "--input", str(inputs), "--output", str(out),
+            "--no-tta"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]  # the rest: the bar
+    assert line == f"error: {inputs / 'b_0001.nii.gz'}: non-finite voxels (1 NaN, 0 inf of 32768)"
+    assert "Traceback" not in err
+    assert masks(out) == ["a.nii.gz"]
+    assert fm.leftovers(out) == []
+
+
+def set_old_mtimes(paths: list[Path]) -> dict[Path, int]:
+    """Give ``paths`` an mtime of a day ago, so that a rewrite shows; returns the mtimes."""
+    old = time.time_ns() - 86_400 * 10**9
+    for path in paths:
+        os.utime(path, ns=(old, old))
+    return {p: p.stat().st_mtime_ns for p in paths}
+
+
+def test_resume_skips_the_cases_whose_outputs_are_complete_and_predicts_the_others(
+    trained_run: Path,
+    phantoms: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inputs, out = case_folder(phantoms, tmp_path / "in", ["a", "b", "c"]), tmp_path / "pred"
+    argv = ["predict", "--model", str(trained_run), "--input", str(inputs), "--output", str(out),
+            "--no-tta", "--save-probabilities"]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert [ln.split(":")[0] for ln in first.splitlines()[:3]] == ["a", "b", "c"]
+    assert "3 case(s) predicted, " in first and "skipped" not in first
+    files = [folder / name for folder in (out, out / PROBABILITY_FOLDER) for name in masks(folder)]
+    kept = set_old_mtimes(files)
+    (out / "b.nii.gz").unlink()  # no mask: predicted again
+    (out / PROBABILITY_FOLDER / "c.nii.gz").unlink()  # mask without its map: predicted again
+    with caplog.at_level(logging.INFO, logger="segmenter"):
+        assert main([*argv, "--resume"]) == 0
+    again = capsys.readouterr().out
+    assert "2 case(s) predicted, 1 skipped (finished before)" in again
+    assert [ln.split(":")[0] for ln in again.splitlines()[:2]] == ["b", "c"]
+    assert "a: finished before" in caplog.text
+    now = {p: p.stat().st_mtime_ns for p in files}
+    assert [p for p in files if now[p] == kept[p]] == [
+        out / "a.nii.gz", out / PROBABILITY_FOLDER / "a.nii.gz",
+    ]  # fmt: skip
+    kept = set_old_mtimes(files)
+    assert main(argv) == 0  # without --resume every mask is written again, as before
+    assert "3 case(s) predicted, " in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns != kept[p] for p in files)
+
+
+@pytest.mark.slow
+def test_a_predict_killed_halfway_through_a_folder_resumes_with_every_mask_whole(
+    trained_run: Path, phantoms: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    inputs, out = case_folder(phantoms, tmp_path / "in", ["a", "b", "c"]), tmp_path / "pred"
+    argv = ["predict", "--model", str(trained_run), "--input", str(inputs), "--output", str(out),
+            "--no-tta"]  # fmt: skip
+    # SIGKILL just before b's mask is renamed into place, half of it written
+    killed = fm.run_child(["--fault=kill@write:b.nii.gz#1", "--", *argv])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert masks(out) == ["a.nii.gz"]  # b's is not under its name
+    (stale,) = fm.leftovers(out)
+    assert stale.startswith(".b.nii.gz.")
+    kept = set_old_mtimes([out / "a.nii.gz"])
+    with caplog.at_level(logging.INFO, logger="segmenter"):
+        assert main([*argv, "--resume"]) == 0
+    assert f"removed 1 temporary file(s) a killed run left: {stale}" in caplog.text
+    assert (out / "a.nii.gz").stat().st_mtime_ns == kept[out / "a.nii.gz"]
+    assert fm.leftovers(out) == []
+    assert main([*argv[:-2], str(tmp_path / "whole"), "--no-tta"]) == 0
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        expected = read_image(tmp_path / "whole" / name).array
+        np.testing.assert_array_equal(read_image(out / name).array, expected)

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_faults import fm
 
 from segmenter.cli import main
 from segmenter.data.layout import load_dataset
 from segmenter.evaluation.tuning import MIN_SIZES_MM3
 from segmenter.inference.predict import PredictOptions, predict_probability
 from segmenter.inference.predictor import load_predictor, load_predictors, model_runs
+from segmenter.io import read_image
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +87,43 @@ def test_rerun_keeps_finished_folds(
     val = json.loads((out / "fold_1" / "splits.json").read_text())[1]["val"]
     assert sorted(renewed) == sorted(f"{c}.nii.gz" for c in val)
     assert main(["crossval", "--config", str(config), "--out", str(out), "--folds", "3"]) == 2
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_kill_in_out_of_fold_prediction_keeps_the_maps_written_before(
+    crossval_run: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "cv"
+    shutil.copytree(crossval_run[1], out)  # mtimes kept
+    old = time.time_ns() - 86_400 * 10**9  # every fold trained before its maps were written
+    for k in range(3):
+        os.utime(out / f"fold_{k}" / "crossval_done.json", ns=(old, old))
+    probs = out / "oof" / "probabilities"
+    names = [
+        f"{c}.nii.gz" for c in json.loads((out / "fold_0" / "splits.json").read_text())[0]["val"]
+    ]
+    before = {name: read_image(probs / name).array for name in names}
+    for name in names:
+        (probs / name).unlink()  # fold 0's maps to predict again
+    kept = {p.name: p.stat().st_mtime_ns for p in probs.iterdir()}
+    argv = ["crossval", "--config", str(out / "config.yaml"), "--out", str(out)]
+    # SIGKILL just before fold 0's second map is renamed into place, half of it written
+    killed = fm.run_child([f"--fault=kill@write:{names[1]}#1", "--", *argv])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (probs / names[0]).is_file() and not (probs / names[1]).exists()
+    (stale,) = fm.leftovers(out)
+    assert stale.startswith(f"oof/probabilities/.{names[1]}.")
+    first = (probs / names[0]).stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="segmenter"):
+        assert main(argv) == 0
+    assert f"removed 1 temporary file(s) a killed run left: {stale}" in caplog.text
+    assert fm.leftovers(out) == []
+    assert (probs / names[0]).stat().st_mtime_ns == first  # written before the kill: kept
+    assert {name: (probs / name).stat().st_mtime_ns for name in kept} == kept
+    for name in names:
+        np.testing.assert_allclose(read_image(probs / name).array, before[name], atol=1e-6)
+    timings = json.loads((out / "oof" / "seconds.json").read_text())
+    assert sorted(timings) == sorted(p.name for p in probs.iterdir())
 
 
 def test_predict_with_the_crossval_folder_averages_the_folds(
