@@ -207,6 +207,8 @@ def test_tta_choices_of_the_command_line_reach_the_prediction(
     )
     for a, b in (("all", "single"), ("all", "none"), ("single", "none")):
         assert np.abs(probabilities[a] - probabilities[b]).max() > 1e-4, (a, b)
+
+
 # ------------------------------------------------------------------------------------------
 # streaming a folder, --resume, a killed predict
 
