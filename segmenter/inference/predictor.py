@@ -146,6 +146,11 @@ def load_predictor(run_dir: str | Path, *, device: str = "auto", which: str = "b
     post_file = tuned if tuned.is_file() else None
     if post_file is not None:
         plan = _tuned_postprocessing(plan, post_file)
+    if model.memory_format == "auto" and dev.type == "cpu":
+        # 'auto' means channels-last on the CPU for training's backward pass; the no-grad
+        # forward ran faster contiguous here (36 windows of 64^3 of an MS scan: 11.3 s against
+        # 12.9 s; one 64^3 window 0.357 s against 0.419 s, 16 base filters, 2 AVX2 cores)
+        model.memory_format = "contiguous"
     model.place(dev).eval()
     dtype = autocast_dtype(config.train.precision, dev)
     return Predictor(

@@ -102,3 +102,17 @@ def test_load_predictors_loads_every_fold(trained_run: Path, tmp_path: Path) -> 
         shutil.copytree(trained_run, tmp_path / "cv" / fold)
     predictors = load_predictors([tmp_path / "cv"], device="cpu")
     assert [p.checkpoint.parent.parent.name for p in predictors] == ["fold_0", "fold_1"]
+
+
+def test_an_auto_layout_model_predicts_contiguous_on_the_cpu_with_the_same_logits(
+    trained_run: Path,
+) -> None:
+    loaded = load_predictor(trained_run, device="cpu")
+    assert loaded.config.model.memory_format == "auto"
+    assert not loaded.model.channels_last(torch.device("cpu"))
+    x = torch.randn(1, len(loaded.channel_names), 32, 32, 32)
+    with torch.no_grad():
+        contiguous = loaded.model(x)
+        loaded.model.memory_format = "channels_last"
+        loaded.model.place(torch.device("cpu"))
+        torch.testing.assert_close(loaded.model(x), contiguous, atol=1e-4, rtol=1e-4)
