@@ -153,7 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from segmenter.training import loop
 
     dist = distributed.from_environment(os.environ)  # torchrun's variables: data-parallel
-    if not dist.chief:  # rank 0 reports; the others only warn
+    if not dist.chief and not args.verbose:  # rank 0 reports; the others only warn
         logging.getLogger("segmenter").setLevel(logging.WARNING)
     result = loop.fit(cfg, out, fold=fold, resume=args.resume, progress=dist.chief, dist=dist)
     if not dist.chief:

@@ -397,12 +397,21 @@ def _train_epoch(
     return not stop.requested
 
 
+@dataclass
+class _AgreedStop(StopRequest):
+    """Under DDP, the stop request the ranks agreed on (:func:`_agree_on_stop`): it changes
+    only where every rank checks it, so all of them stop after the same step; ``local`` is
+    what this rank's signal handlers recorded."""
+
+    local: StopRequest = field(default_factory=StopRequest)
+
+
 def _agree_on_stop(session: _Session, stop: StopRequest) -> None:
     """Under DDP, a stop signal any rank received stops every rank (after the same step)."""
-    if not session.dist.active:
+    if not isinstance(stop, _AgreedStop) or stop.requested:
         return
-    (signum,) = session.dist.max_ints([stop.signum or 0], session.device)
-    if signum and not stop.requested:
+    (signum,) = session.dist.max_ints([stop.local.signum or 0], session.device)
+    if signum:
         stop.handle(signum, None)
 
 
@@ -633,7 +642,8 @@ def _fit_locked(
                      ", ".join(str(p.relative_to(run)) for p in stale))  # fmt: skip
         session = _set_up(cfg, dataset, run, fold=fold, progress=progress, dist=dist)
         state = _restore(session) if resume else TrainState()
-        with stop_requests() as stop:
+        with stop_requests() as signals:
+            stop = _AgreedStop(local=signals) if dist.active else signals
             return _train(session, state, progress=progress, should_stop=should_stop, stop=stop)
     finally:
         pkg_log.removeHandler(handler)
@@ -660,6 +670,9 @@ def _train(
         loaders.close()
         if bar is not None:
             bar.close()
+    if session.dist.active:
+        log.info("rank %d of %d: training ended after step %d (epoch %d)", session.dist.rank,
+                 session.dist.world_size, state.step, state.epoch)  # fmt: skip
     _finish(session, state, best_probs)
     if stop.requested:
         log.info("%s arrived during the final threshold tuning; the run finished", stop.name)
