@@ -591,7 +591,7 @@ def fit(
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise PeerLost(
             f"rank {dist.rank} of {dist.world_size}: another rank died or a collective timed "
-            f"out after {dist.timeout_s:.0f} s ({first})"
+            f"out (timeout {dist.timeout_s:.0f} s, {distributed.TIMEOUT_VARIABLE}): {first}"
         ) from None
 
 
