@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import shlex
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 
 from segmenter import __version__
 from segmenter.config import PRESET_NAMES
-from segmenter.errors import InputError, Interrupted
+from segmenter.errors import InputError, Interrupted, PeerLost
 
 T = TypeVar("T")
 log = logging.getLogger("segmenter")
@@ -148,9 +149,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = _experiment_config(args)
     fold: int | str = args.fold
     out = Path(args.out) if args.out else _default_run_dir(args.config, fold)
+    from segmenter.nn import distributed
     from segmenter.training import loop
 
-    result = loop.fit(cfg, out, fold=fold, resume=args.resume, progress=True)
+    dist = distributed.from_environment(os.environ)  # torchrun's variables: data-parallel
+    if not dist.chief and not args.verbose:  # rank 0 reports; the others only warn
+        logging.getLogger("segmenter").setLevel(logging.WARNING)
+    result = loop.fit(cfg, out, fold=fold, resume=args.resume, progress=dist.chief, dist=dist)
+    if not dist.chief:
+        return 0
     how = "budget reached" if result.stopped_by_budget else "all epochs"
     print(
         f"trained {result.epochs} epochs ({result.steps} steps, {how}) in "
@@ -507,6 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _clear_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except PeerLost as exc:  # data-parallel training lost a rank (died or timed out)
+        _clear_progress_bars()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except Interrupted as exc:  # a stop signal, honoured at a safe point with the progress saved
         print(f"{exc}{_resume_hint(args, argv, exc.folder)}", file=sys.stderr)
         return 128 + exc.signum

@@ -80,7 +80,9 @@ class DataConfig:
         dataset: path of an nnU-Net raw dataset folder (``DatasetXXX_Name``). A relative path is
             resolved against the directory the command runs in.
         patch_size: training patch, voxels per axis (a later plan step derives it from data).
-        batch_size: patches per step.
+        batch_size: patches per step: the global batch; under ``torchrun`` each of the N ranks
+            draws ``batch_size / N`` of them (it must divide), with ``foreground_fraction``
+            applied per rank.
         foreground_fraction: share of patches centred on a lesion voxel (nnU-Net: 0.33).
         sampling: ``foreground`` (a random lesion voxel) or ``lesion`` (a lesion chosen
             uniformly, then a voxel in it, so small lesions are seen as often as large ones).

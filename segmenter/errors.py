@@ -13,6 +13,14 @@ class InputError(ValueError):
     """
 
 
+class PeerLost(RuntimeError):
+    """Data-parallel training lost a rank: another process died, or a collective timed out.
+
+    The message is one line naming this rank and the cause; the CLI prints it without a
+    traceback and exits with code 1.
+    """
+
+
 class Interrupted(KeyboardInterrupt):
     """A stop request (SIGINT or SIGTERM) honoured at a safe point, after the progress was saved.
 

@@ -11,7 +11,9 @@ so ``torch.load(path, weights_only=True)`` reads it safely:
 - ``rng``: torch RNG state, so a resumed run continues exactly;
 - ``epoch_progress`` (from a mid-epoch stop; absent at an epoch boundary and in older runs): the
   steps done in the unfinished epoch and their losses
-  (:class:`segmenter.training.state.EpochProgress`).
+  (:class:`segmenter.training.state.EpochProgress`);
+- ``world_size`` (absent in older runs: 1): the processes that trained together (``torchrun``,
+  :mod:`segmenter.nn.distributed`); ``--resume`` needs as many.
 """
 
 from __future__ import annotations

@@ -192,11 +192,16 @@ def _softmax_focal_terms(
     return loss
 
 
-def _dice_from_probs(p: Tensor, t: Tensor, smooth: float, batch_dice: bool) -> Tensor:
-    """Soft Dice loss per (sample, channel) -> (B, C), or per channel -> (C,) with batch Dice."""
+def _dice_from_probs(
+    p: Tensor, t: Tensor, smooth: float, batch_dice: bool, sync: Any = None
+) -> Tensor:
+    """Soft Dice loss per (sample, channel) -> (B, C), or per channel -> (C,) with batch Dice
+    (its sums over the ranks of ``sync`` when given, differentiably)."""
     dims = ([0] if batch_dice else []) + list(range(2, p.ndim))
     inter = (p * t).sum(dims)
     denom = p.sum(dims) + t.sum(dims)
+    if batch_dice and sync is not None:
+        inter, denom = sync.sum_with_grad(torch.stack([inter, denom])).unbind(0)
     return 1.0 - (2.0 * inter + smooth) / (denom + smooth)
 
 
@@ -223,6 +228,7 @@ class _Fused:
     smooth: float
     batch_dice: bool
     dice_start: int
+    sync: Any = None  # batch-Dice statistics summed over data-parallel ranks (sum_, world_size)
 
 
 def _chunk_len(x3: Tensor) -> int:
@@ -272,6 +278,8 @@ class _SigmoidFocalDice(torch.autograd.Function):
         total = focal.sum() * prm.focal_scale
         if prm.dice_scale:
             stats = rows[1:, :, c0:].sum(1, keepdim=True) if prm.batch_dice else rows[1:, :, c0:]
+            if prm.batch_dice and prm.sync is not None:
+                stats = prm.sync.sum_(stats.contiguous())
             num = 2.0 * stats[2] + prm.smooth
             den = stats[0] + stats[1] + prm.smooth
             total = total + prm.dice_scale * (1.0 - num / den).sum()
@@ -300,7 +308,11 @@ class _SigmoidFocalDice(torch.autograd.Function):
         if prm.weight is not None:
             focal_g = focal_g * _channel_view(prm.weight, 3, cdt, x3.device)
         if prm.dice_scale:
-            coef_t, coef_1 = (c.to(cdt).unsqueeze(-1) * (g * prm.dice_scale) for c in ctx.dice_coef)
+            # summed statistics: this rank's share of the gradient, times the ranks, which
+            # DistributedDataParallel's average divides out again
+            ranks = prm.sync.world_size if prm.batch_dice and prm.sync is not None else 1
+            scale = g * (prm.dice_scale * ranks)
+            coef_t, coef_1 = (c.to(cdt).unsqueeze(-1) * scale for c in ctx.dice_coef)
         for start in range(0, nv, step):
             x = x3[:, :, start : start + step].to(cdt)
             t = t3[:, :, start : start + step].to(cdt)
@@ -404,6 +416,7 @@ def soft_dice_loss(
     batch_dice: bool = False,
     include_background: bool = True,
     reduction: Reduction = "mean",
+    sync: Any = None,
 ) -> Tensor:
     """Soft Dice loss (Milletari et al., 3DV 2016; nnU-Net's batch Dice, Isensee et al. 2021).
 
@@ -418,6 +431,9 @@ def soft_dice_loss(
         batch_dice: sum over the batch before dividing (one Dice per channel).
         include_background: keep channel 0. Ignored for a single channel, which is foreground.
         reduction: ``"mean"``/``"sum"`` over the (B, C) (or (C,)) Dice losses, or ``"none"``.
+        sync: with ``batch_dice`` under data-parallel training, the run
+            (:class:`segmenter.nn.distributed.Dist`) whose ranks' statistics are summed, so the
+            loss is that of the global batch; None for one process.
 
     Returns:
         A scalar, or (B, C) / (C,) losses for ``reduction="none"``.
@@ -430,9 +446,10 @@ def soft_dice_loss(
     c0 = _dice_start(logits, include_background)
     if activation == "sigmoid" and reduction != "none":
         scale = _dice_scale(logits, c0, batch_dice, reduction)
-        return _fused(logits, target, _Fused(0.0, None, None, 0.0, scale, smooth, batch_dice, c0))
+        prm = _Fused(0.0, None, None, 0.0, scale, smooth, batch_dice, c0, sync)
+        return _fused(logits, target, prm)
     probs = torch.softmax(logits, 1) if activation == "softmax" else torch.sigmoid(logits)
-    dice = _dice_from_probs(probs[:, c0:], target.detach()[:, c0:], smooth, batch_dice)
+    dice = _dice_from_probs(probs[:, c0:], target.detach()[:, c0:], smooth, batch_dice, sync)
     return _reduce(dice, reduction)
 
 
@@ -449,6 +466,7 @@ def focal_dice_loss(
     include_background: bool = True,
     lambda_focal: float = 1.0,
     lambda_dice: float = 1.0,
+    sync: Any = None,
 ) -> Tensor:
     """``lambda_focal * focal_loss + lambda_dice * soft_dice_loss``, both with mean reduction.
 
@@ -479,6 +497,7 @@ def focal_dice_loss(
             smooth=smooth,
             batch_dice=batch_dice,
             dice_start=c0,
+            sync=sync,
         )
         return _fused(logits, target, prm)
     focal = focal_loss(
@@ -491,6 +510,7 @@ def focal_dice_loss(
         smooth=smooth,
         batch_dice=batch_dice,
         include_background=include_background,
+        sync=sync,
     )
     return lambda_focal * focal + lambda_dice * dice
 
@@ -506,6 +526,7 @@ def dice_ce_loss(
     include_background: bool = True,
     lambda_ce: float = 1.0,
     lambda_dice: float = 1.0,
+    sync: Any = None,
 ) -> Tensor:
     """nnU-Net's Dice + cross-entropy (Isensee et al., Nature Methods 2021).
 
@@ -537,6 +558,7 @@ def dice_ce_loss(
             include_background=include_background,
             lambda_focal=lambda_ce,
             lambda_dice=lambda_dice,
+            sync=sync,
         )
     _check_params(
         activation=activation, weight=weight, smooth=smooth, lambdas=(lambda_ce, lambda_dice)
@@ -551,6 +573,7 @@ def dice_ce_loss(
         smooth=smooth,
         batch_dice=batch_dice,
         include_background=include_background,
+        sync=sync,
     )
     return lambda_ce * ce + lambda_dice * dice
 
@@ -671,6 +694,11 @@ class _LossModule(nn.Module):
 _CHECKED_KEYS = ("activation", "gamma", "alpha", "weight", "reduction", "smooth")
 
 
+def _sync_key(sync: Any) -> dict[str, Any]:
+    """The ``sync`` keyword only when given, so one-process modules stay as they were."""
+    return {} if sync is None else {"sync": sync}
+
+
 class FocalLoss(_LossModule):
     """Module form of :func:`focal_loss` (Lin et al. 2017). Call as ``loss(logits, target)``."""
 
@@ -700,9 +728,11 @@ class SoftDiceLoss(_LossModule):
         batch_dice: bool = False,
         include_background: bool = True,
         reduction: Reduction = "mean",
+        sync: Any = None,
     ) -> None:
         super().__init__(activation=activation, smooth=smooth, batch_dice=batch_dice,
-                         include_background=include_background, reduction=reduction)  # fmt: skip
+                         include_background=include_background, reduction=reduction,
+                         **_sync_key(sync))  # fmt: skip
 
 
 class FocalDiceLoss(_LossModule):
@@ -721,11 +751,12 @@ class FocalDiceLoss(_LossModule):
         include_background: bool = True,
         lambda_focal: float = 1.0,
         lambda_dice: float = 1.0,
+        sync: Any = None,
     ) -> None:
         super().__init__(gamma=gamma, alpha=alpha, weight=weight, activation=activation,
                          smooth=smooth, batch_dice=batch_dice,
                          include_background=include_background, lambda_focal=lambda_focal,
-                         lambda_dice=lambda_dice)  # fmt: skip
+                         lambda_dice=lambda_dice, **_sync_key(sync))  # fmt: skip
 
 
 class DiceCELoss(_LossModule):
@@ -742,10 +773,12 @@ class DiceCELoss(_LossModule):
         include_background: bool = True,
         lambda_ce: float = 1.0,
         lambda_dice: float = 1.0,
+        sync: Any = None,
     ) -> None:
         super().__init__(activation=activation, weight=weight, smooth=smooth,
                          batch_dice=batch_dice, include_background=include_background,
-                         lambda_ce=lambda_ce, lambda_dice=lambda_dice)  # fmt: skip
+                         lambda_ce=lambda_ce, lambda_dice=lambda_dice,
+                         **_sync_key(sync))  # fmt: skip
 
 
 class DeepSupervisionLoss(nn.Module):
@@ -768,7 +801,7 @@ class DeepSupervisionLoss(nn.Module):
         return deep_supervision_loss(self.loss, logits, target, self.weights)
 
 
-def build_loss(cfg: LossConfig) -> nn.Module:
+def build_loss(cfg: LossConfig, *, sync: Any = None) -> nn.Module:
     """The training loss named by ``cfg``, wrapped for deep supervision.
 
     ``focal_dice``: :class:`FocalDiceLoss`; ``dice_ce``: :class:`DiceCELoss` with
@@ -776,6 +809,8 @@ def build_loss(cfg: LossConfig) -> nn.Module:
     :class:`FocalLoss` (the lambdas only weight the terms of the combined presets). The result
     accepts one logits tensor or a list of deep-supervision outputs
     (``cfg.deep_supervision_weights``, None = nnU-Net's rule); the inner loss is ``.loss``.
+    ``sync`` (a :class:`segmenter.nn.distributed.Dist`) sums batch-Dice statistics over
+    data-parallel ranks when ``cfg.batch_dice``; None (one process) changes nothing.
 
     Raises:
         ValueError: unknown name or activation, or out-of-range values.
@@ -793,6 +828,7 @@ def build_loss(cfg: LossConfig) -> nn.Module:
             smooth=cfg.smooth,
             batch_dice=cfg.batch_dice,
             include_background=cfg.include_background,
+            sync=sync if cfg.batch_dice else None,
             lambda_focal=cfg.lambda_focal,
             lambda_dice=cfg.lambda_dice,
         )
@@ -803,6 +839,7 @@ def build_loss(cfg: LossConfig) -> nn.Module:
             smooth=cfg.smooth,
             batch_dice=cfg.batch_dice,
             include_background=cfg.include_background,
+            sync=sync if cfg.batch_dice else None,
             lambda_ce=cfg.lambda_focal,
             lambda_dice=cfg.lambda_dice,
         )
@@ -812,6 +849,7 @@ def build_loss(cfg: LossConfig) -> nn.Module:
             smooth=cfg.smooth,
             batch_dice=cfg.batch_dice,
             include_background=cfg.include_background,
+            sync=sync if cfg.batch_dice else None,
         )
     else:
         base = FocalLoss(gamma=cfg.gamma, alpha=cfg.alpha, weight=weight, activation=cfg.activation)

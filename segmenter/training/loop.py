@@ -27,6 +27,12 @@ run killed outright (SIGKILL, a power cut) loses at most what followed its last 
 every file is written atomically, and the temporary files of writes it cut short are removed
 when a run next takes the folder.
 
+Data-parallel (``torchrun``, :mod:`segmenter.nn.distributed`): every rank trains the same
+model on its share of ``data.batch_size`` from its own patch stream, DDP averages the
+gradients; the per-step loss is averaged over the ranks; rank 0 alone validates (the others
+wait), decides the budget stop and writes the run folder; a stop signal on any rank stops
+every rank after the same step.
+
 Run folder: ``config.yaml`` (resolved), ``splits.json``, ``plan.json``,
 ``checkpoints/{best,last}.pt``, ``metrics.csv`` (one row per epoch), ``summary.json`` and
 ``lesions.csv`` (validation of the best checkpoint, ``segmenter evaluate``'s format),
@@ -35,6 +41,7 @@ Run folder: ``config.yaml`` (resolved), ``splits.json``, ``plan.json``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -53,12 +60,14 @@ from segmenter.atomic import remove_stale_temporaries, write_text
 from segmenter.config import ChannelNormalization, Config, save_config
 from segmenter.data.layout import Dataset, load_dataset
 from segmenter.data.splits import make_splits, resolve_dataset
-from segmenter.errors import InputError, Interrupted
+from segmenter.errors import InputError, Interrupted, PeerLost
 from segmenter.evaluation import report
 from segmenter.inference.predictor import build_from_plan, load_weights, model_from_checkpoint
 from segmenter.interrupts import StopRequest, stop_requests
 from segmenter.locking import FolderLock
+from segmenter.nn import distributed
 from segmenter.nn.checkpoint import load_checkpoint, save_checkpoint
+from segmenter.nn.distributed import SINGLE, Dist
 from segmenter.nn.losses import build_loss
 from segmenter.nn.network import build_model
 from segmenter.nn.runtime import autocast, autocast_dtype, resolve_device
@@ -139,10 +148,16 @@ class _Session:
     val_cases: list[PreprocessedCase]
     model: Any
     step: TrainStep
+    dist: Dist = SINGLE
 
     def save(self, name: str, state: TrainState) -> None:
-        """``checkpoints/{name}.pt`` holding ``state`` and the current weights."""
-        payload = state.checkpoint(self.model, self.step.optimizer, self.cfg, self.plan)
+        """``checkpoints/{name}.pt`` holding ``state`` and the current weights (rank 0)."""
+        if not self.dist.chief:
+            return
+        payload = state.checkpoint(
+            self.model, self.step.optimizer, self.cfg, self.plan,
+            world_size=self.dist.world_size,
+        )  # fmt: skip
         save_checkpoint(self.run / "checkpoints" / f"{name}.pt", payload)
 
 
@@ -196,38 +211,58 @@ def _split_cases(
     return splits, [by_id[c] for c in split["train"]], [by_id[c] for c in split["val"]]
 
 
+def _preprocess(cfg: Config, dataset: Dataset, dist: Dist, progress: bool) -> list:
+    """The preprocessed training cases; with a cache, rank 0 fills it before the others read."""
+    cache = cfg.data.cache_dir or None
+    spec = PreprocessingSpec.from_data(cfg.data)
+    if cache and not dist.chief:
+        dist.barrier()
+    cases = preprocess_dataset(
+        dataset.training, spec, cache_dir=cache, workers=2, progress=progress
+    )
+    if cache and dist.chief:
+        dist.barrier()
+    return cases
+
+
 def _set_up(
-    cfg: Config, dataset: Dataset, run: Path, *, fold: int | str, progress: bool
+    cfg: Config, dataset: Dataset, run: Path, *, fold: int | str, progress: bool, dist: Dist
 ) -> _Session:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
+    device = distributed.device_for(resolve_device(t.device), dist)
     dtype = autocast_dtype(t.precision, device)
     if device.type == "cpu":
         tune_allocator()
-    save_config(cfg, run / "config.yaml")
-    cases = preprocess_dataset(
-        dataset.training, PreprocessingSpec.from_data(cfg.data),
-        cache_dir=cfg.data.cache_dir or None, workers=2, progress=progress,
-    )  # fmt: skip
+    if dist.chief:
+        save_config(cfg, run / "config.yaml")
+    cases = _preprocess(cfg, dataset, dist, progress)
     splits, train_cases, val_cases = _split_cases(cfg, cases, fold)
     plan = build_run_plan(dataset, cfg, cases, fold)
-    write_text(run / "splits.json", json.dumps(splits, indent=2))
-    write_run_plan(plan, run)
+    if dist.chief:
+        write_text(run / "splits.json", json.dumps(splits, indent=2))
+        write_run_plan(plan, run)
     log.info(
         "fold %s: %d training, %d validation cases; device %s, autocast %s",
         fold, len(train_cases), len(val_cases), device, dtype,
     )  # fmt: skip
+    if dist.active:
+        log.info(
+            "distributed: world size %d (%s), %d patches per rank of the global batch %d",
+            dist.world_size, "nccl" if device.type == "cuda" else "gloo",
+            distributed.per_rank_batch(cfg.data.batch_size, dist), cfg.data.batch_size,
+        )  # fmt: skip
     torch.manual_seed(t.seed)
     model = build_from_plan(cfg, plan).place(device)
+    ddp = distributed.wrap_model(model, dist, unused_parameters=cfg.model.deep_supervision)
     return _Session(
         cfg=cfg, run=run, device=device, dtype=dtype, plan=plan, train_cases=train_cases,
-        val_cases=val_cases, model=model,
+        val_cases=val_cases, model=model, dist=dist,
         step=TrainStep(
-            cfg=cfg, model=model, loss_fn=build_loss(cfg.loss),
+            cfg=cfg, model=ddp, loss_fn=build_loss(cfg.loss, sync=dist if dist.active else None),
             optimizer=build_optimizer(t, model), device=device, dtype=dtype,
-            scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+            scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, dist=dist,
         ),
     )  # fmt: skip
 
@@ -288,7 +323,10 @@ def _epoch_batches(
     if skip >= cfg.train.iterations_per_epoch:
         return iter(())
     seed = cfg.train.seed * 100_003 + epoch
-    batches = iter(make_loader(session.train_cases, cfg.data, cfg.augment, seed=seed))
+    dist = session.dist
+    data = replace(cfg.data, batch_size=distributed.per_rank_batch(cfg.data.batch_size, dist))
+    loader = make_loader(session.train_cases, data, cfg.augment, seed=seed, rank=dist.rank)
+    batches = iter(loader)
     for _ in range(skip):
         next(batches)
     return batches
@@ -350,12 +388,31 @@ def _train_epoch(
         part.steps, part.lr = part.steps + 1, lr
         state.step += 1
         _show_step(bar, loss, state)
+        _agree_on_stop(session, stop)
     seconds = time.perf_counter() - start
     part.seconds += seconds
     part.wait_s += wait
     clock.wait_total += wait
     clock.step_total += seconds
     return not stop.requested
+
+
+@dataclass
+class _AgreedStop(StopRequest):
+    """Under DDP, the stop request the ranks agreed on (:func:`_agree_on_stop`): it changes
+    only where every rank checks it, so all of them stop after the same step; ``local`` is
+    what this rank's signal handlers recorded."""
+
+    local: StopRequest = field(default_factory=StopRequest)
+
+
+def _agree_on_stop(session: _Session, stop: StopRequest) -> None:
+    """Under DDP, a stop signal any rank received stops every rank (after the same step)."""
+    if not isinstance(stop, _AgreedStop) or stop.requested:
+        return
+    (signum,) = session.dist.max_ints([stop.local.signum or 0], session.device)
+    if signum:
+        stop.handle(signum, None)
 
 
 def _show_step(bar: Any, loss: float, state: TrainState) -> None:
@@ -427,8 +484,9 @@ def _end_epoch(session: _Session, state: TrainState, row: dict[str, float], cloc
     state.end_epoch(row)
     state.elapsed_s = row["elapsed_s"]
     session.save("last", state)
-    write_text(session.run / "metrics.csv", history_csv(state.history))
-    plots.run_curves(state.history, session.run / "training_curves.png")
+    if session.dist.chief:
+        write_text(session.run / "metrics.csv", history_csv(state.history))
+        plots.run_curves(state.history, session.run / "training_curves.png")
 
 
 def _stop_here(session: _Session, state: TrainState, clock: _Clock, stop: StopRequest) -> NoReturn:
@@ -481,6 +539,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     should_stop: Callable[[int], bool] | None = None,
+    dist: Dist = SINGLE,
 ) -> FitResult:
     """Train one fold of ``cfg`` into ``run_dir`` (see the module docstring).
 
@@ -497,6 +556,8 @@ def fit(
         progress: draw a progress bar on stderr.
         should_stop: called with the number of finished epochs after each epoch's checkpoint
             is saved; True ends the run there (it can be resumed later), e.g. from a notebook.
+        dist: this process's place in a data-parallel run (:mod:`segmenter.nn.distributed`;
+            the process group is set up here); only rank 0 writes ``run_dir``.
 
     Raises:
         InputError: bad dataset, fold or resume state (a damaged ``last.pt`` is refused before
@@ -505,28 +566,54 @@ def fit(
             is read or written) exceeds what is available; a run folder this call created is
             removed again when it is refused before the first checkpoint.
         Interrupted: a stop signal arrived; the progress is saved.
+        PeerLost: another rank died or a collective timed out.
     """
     run = Path(run_dir)
+    _check_resume(run, resume, dist)
+    distributed.per_rank_batch(cfg.data.batch_size, dist)
+    dataset = _training_dataset(cfg, fold)
+    check_training(dataset, _training_job(cfg, dataset, fold))
+    created = not run.exists()
+    lock = FolderLock(run, "train") if dist.chief else contextlib.nullcontext()
+    try:
+        with distributed.process_group(dist, resolve_device(cfg.train.device)), lock:
+            return _fit_locked(
+                cfg, dataset, run, fold=fold, resume=resume, progress=progress,
+                should_stop=should_stop, dist=dist,
+            )  # fmt: skip
+    except InputError:
+        if dist.chief and created and not (run / "checkpoints").exists():
+            shutil.rmtree(run, ignore_errors=True)  # refused in set-up: no half-made run folder
+        raise
+    except RuntimeError as exc:
+        if not (dist.active and distributed.is_peer_failure(exc)):
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise PeerLost(
+            f"rank {dist.rank} of {dist.world_size}: another rank died or a collective timed "
+            f"out (timeout {dist.timeout_s:.0f} s, {distributed.TIMEOUT_VARIABLE}): {first}"
+        ) from None
+
+
+def _check_resume(run: Path, resume: bool, dist: Dist) -> None:
+    """Refuse a resume without ``last.pt``, a damaged one, one of another world size, or a
+    fresh run into a trained folder, before the run folder is touched."""
     last_path = run / "checkpoints" / "last.pt"
     if resume and not last_path.is_file():
         raise InputError(f"{run}: nothing to resume (no checkpoints/last.pt)")
     if not resume and last_path.exists():
         raise InputError(f"{run}: already holds a trained run (use --resume or another --out)")
-    if resume:  # a damaged last.pt refuses before the run folder is touched
-        model_from_checkpoint(last_path, load_checkpoint(last_path))
-    dataset = _training_dataset(cfg, fold)
-    check_training(dataset, _training_job(cfg, dataset, fold))
-    created = not run.exists()
-    try:
-        with FolderLock(run, "train"):
-            return _fit_locked(
-                cfg, dataset, run, fold=fold, resume=resume, progress=progress,
-                should_stop=should_stop,
-            )  # fmt: skip
-    except InputError:
-        if created and not (run / "checkpoints").exists():
-            shutil.rmtree(run, ignore_errors=True)  # refused in set-up: no half-made run folder
-        raise
+    if not resume:
+        return
+    ckpt = load_checkpoint(last_path)
+    model_from_checkpoint(last_path, ckpt)
+    saved = int(ckpt.get("world_size", 1))
+    if saved != dist.world_size:
+        how = "plain segmenter train" if saved == 1 else f"torchrun --nproc_per_node {saved}"
+        raise InputError(
+            f"{last_path}: trained by {saved} process(es), resumed with {dist.world_size}; "
+            f"resume with {how} (the patch streams and batch split depend on the world size)"
+        )
 
 
 def _fit_locked(
@@ -538,20 +625,25 @@ def _fit_locked(
     resume: bool,
     progress: bool,
     should_stop: Callable[[int], bool] | None,
+    dist: Dist,
 ) -> FitResult:
-    """:func:`fit` once the run folder is locked: stale temporaries removed, the log attached."""
-    stale = remove_stale_temporaries(run)
-    handler = logging.FileHandler(run / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    """:func:`fit` once the run folder is locked: stale temporaries removed, the log attached
+    (by rank 0; the other ranks write nothing and log only to stderr)."""
+    stale = remove_stale_temporaries(run) if dist.chief else []
+    handler: logging.Handler = logging.NullHandler()
+    if dist.chief:
+        handler = logging.FileHandler(run / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     pkg_log = logging.getLogger("segmenter")
     pkg_log.addHandler(handler)
     try:
         if stale:
             log.info("removed %d temporary file(s) a killed run left: %s", len(stale),
                      ", ".join(str(p.relative_to(run)) for p in stale))  # fmt: skip
-        session = _set_up(cfg, dataset, run, fold=fold, progress=progress)
+        session = _set_up(cfg, dataset, run, fold=fold, progress=progress, dist=dist)
         state = _restore(session) if resume else TrainState()
-        with stop_requests() as stop:
+        with stop_requests() as signals:
+            stop = _AgreedStop(local=signals) if dist.active else signals
             return _train(session, state, progress=progress, should_stop=should_stop, stop=stop)
     finally:
         pkg_log.removeHandler(handler)
@@ -578,6 +670,9 @@ def _train(
         loaders.close()
         if bar is not None:
             bar.close()
+    if session.dist.active:
+        log.info("rank %d of %d: training ended after step %d (epoch %d)", session.dist.rank,
+                 session.dist.world_size, state.step, state.epoch)  # fmt: skip
     _finish(session, state, best_probs)
     if stop.requested:
         log.info("%s arrived during the final threshold tuning; the run finished", stop.name)
@@ -617,27 +712,39 @@ def _epochs(
             _stop_here(session, state, clock, stop)
         loaders.current = None  # this epoch's workers stop before validation
         row = _epoch_row(state)
-        stop_now = clock.over_budget_after(row["epoch_s"])
+        stop_now = _chief_decides(session, clock.over_budget_after(row["epoch_s"]))
         _update_eta(bar, state, clock, t.epochs * t.iterations_per_epoch)
-        if row["epoch"] % t.val_every == 0 or row["epoch"] == t.epochs or stop_now:
+        due = row["epoch"] % t.val_every == 0 or row["epoch"] == t.epochs or stop_now
+        if due and session.dist.chief:  # the other ranks wait for it at the next agreement
             best_probs = _validate_and_select(session, state, row, clock, stop=stop) or best_probs
         else:
             log.info("epoch %d: loss %.4f", row["epoch"], row["train_loss"])
         _end_epoch(session, state, row, clock)
+        _agree_on_stop(session, stop)
         if stop.requested:
             raise _interrupted(session, state, stop)
         if stop_now and state.epoch < t.epochs:
             log.info("wall-clock budget of %.1f min reached after epoch %d", t.max_minutes,
                      state.epoch)  # fmt: skip
             return best_probs, True
-        if should_stop is not None and should_stop(state.epoch):
+        asked = should_stop is not None and session.dist.chief and should_stop(state.epoch)
+        if _chief_decides(session, asked):
             log.info("stopped on request after epoch %d", state.epoch)
             break
     return best_probs, False
 
 
+def _chief_decides(session: _Session, decision: bool) -> bool:
+    """Rank 0's ``decision``, on every rank (the others wait for it: a barrier)."""
+    if not session.dist.active:
+        return decision
+    return bool(session.dist.max_ints([int(decision and session.dist.chief)], session.device)[0])
+
+
 def _finish(session: _Session, state: TrainState, best_probs: list[np.ndarray] | None) -> None:
-    """``best.pt`` exists; predict's default threshold tuned on it when asked."""
+    """``best.pt`` exists; predict's default threshold tuned on it when asked (rank 0)."""
+    if not session.dist.chief:
+        return
     checkpoints = session.run / "checkpoints"
     if state.best_epoch < 0:  # no validation ever scored (e.g. no lesions anywhere): keep last
         save_checkpoint(checkpoints / "best.pt", load_checkpoint(checkpoints / "last.pt"))
@@ -675,6 +782,8 @@ class TrainStep:
         device: where the batch goes.
         dtype: autocast dtype, or None for float32.
         scaler: a GradScaler for fp16 autocast, else None.
+        dist: the data-parallel run (``model`` is then DDP-wrapped: ``backward`` averages the
+            gradients over the ranks before clipping); the returned loss is the ranks' mean.
     """
 
     cfg: Config
@@ -684,6 +793,7 @@ class TrainStep:
     device: torch.device
     dtype: torch.dtype | None = None
     scaler: torch.amp.GradScaler | None = None
+    dist: Dist = SINGLE
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> float:
         """Args: ``batch``: ``image`` ``(B, C, X, Y, Z)`` float, ``label`` ``(B, 1, X, Y, Z)``
@@ -710,7 +820,7 @@ class TrainStep:
             scaler.update()
         else:
             optimizer.step()
-        return float(loss.detach())
+        return self.dist.mean(float(loss.detach()), self.device)
 
 
 def tune_allocator() -> bool:

@@ -146,6 +146,7 @@ class PatchDataset(IterableDataset):
         sampling: Literal["foreground", "lesion"] = "foreground",
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        rank: int = 0,
     ) -> None:
         """Index the cases' foreground.
 
@@ -157,6 +158,8 @@ class PatchDataset(IterableDataset):
                 then uniform voxel in it).
             augment: augmentation settings; None for none.
             seed: base seed of all draws.
+            rank: data-parallel rank: each rank > 0 draws its own stream (rank 0 that of one
+                process).
         """
         super().__init__()
         if not cases:
@@ -179,6 +182,7 @@ class PatchDataset(IterableDataset):
         self.sampling = sampling
         self.augment = augment if augment is not None else AugmentConfig(enabled=False)
         self.seed = int(seed)
+        self.rank = int(rank)
         self.epoch = 0
         self._iterations = 0
         self.lesions = [LesionIndex.build(c.label) for c in self.cases]  # type: ignore[arg-type]
@@ -243,7 +247,8 @@ class PatchDataset(IterableDataset):
         worker = info.id if info is not None else 0
         started = self._iterations
         self._iterations += 1
-        gen = np.random.default_rng([self.seed, self.epoch, started, worker])
+        entropy = [self.seed, self.epoch, started, worker] + ([self.rank] if self.rank else [])
+        gen = np.random.default_rng(entropy)
         while True:
             yield self.sample(gen)
 
@@ -253,6 +258,7 @@ def make_dataset(
     data_cfg: DataConfig,
     aug_cfg: AugmentConfig,
     seed: int,
+    rank: int = 0,
 ) -> PatchDataset:
     """A :class:`PatchDataset` set up from the config sections."""
     return PatchDataset(
@@ -262,6 +268,7 @@ def make_dataset(
         sampling=data_cfg.sampling,
         augment=aug_cfg,
         seed=seed,
+        rank=rank,
     )
 
 
@@ -272,6 +279,7 @@ def make_loader(
     seed: int,
     *,
     prefetch_factor: int = 4,
+    rank: int = 0,
 ) -> DataLoader:
     """An endless DataLoader of training batches.
 
@@ -287,11 +295,13 @@ def make_loader(
         aug_cfg: augmentation.
         seed: base seed (see the module docstring).
         prefetch_factor: batches each worker keeps ready.
+        rank: data-parallel rank (its own stream; ``data_cfg.batch_size`` is then this
+            rank's share of the global batch).
 
     Returns:
         Batches ``{"image": (B, C, X, Y, Z) float32, "label": (B, 1, X, Y, Z) float32}``.
     """
-    dataset = make_dataset(cases, data_cfg, aug_cfg, seed)
+    dataset = make_dataset(cases, data_cfg, aug_cfg, seed, rank)
     workers = data_cfg.num_workers
     extra: dict = {"generator": torch.Generator().manual_seed(seed)}
     if workers > 0:

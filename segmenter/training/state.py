@@ -111,9 +111,16 @@ class TrainState:
         return next((h["val_ema"] for h in reversed(self.history) if "val_ema" in h), None)
 
     def checkpoint(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, plan: RunPlan
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: Config,
+        plan: RunPlan,
+        *,
+        world_size: int = 1,
     ) -> dict[str, Any]:
-        """The checkpoint payload (plain types; see :mod:`segmenter.nn.checkpoint`)."""
+        """The checkpoint payload (plain types; see :mod:`segmenter.nn.checkpoint`);
+        ``world_size``: the processes training together (``--resume`` needs as many)."""
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -127,6 +134,7 @@ class TrainState:
             "plan": plan.to_json(),
             "rng": {"torch": torch.get_rng_state()},
             "epoch_progress": self.progress.to_json(),
+            "world_size": int(world_size),
         }
 
     @classmethod
