@@ -20,6 +20,7 @@ left in the output folder are removed under its lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from segmenter.atomic import remove_stale_temporaries
+from segmenter.config import InferenceConfig
 from segmenter.data.layout import Case, find_cases
 from segmenter.errors import InputError
 from segmenter.evaluation.postprocess import probabilities_to_mask
@@ -53,9 +55,19 @@ class PredictOptions:
 
     tta: bool | None = None
     mirroring: str | None = None
+    overlap: float | None = None
     threshold: float | None = None
     min_lesion_mm3: float | None = None
     save_probabilities: bool = False
+
+    def inference(self, cfg: InferenceConfig) -> InferenceConfig:
+        """A run's inference settings with these options' TTA, mirroring and overlap where set.
+
+        Raises:
+            ConfigError: an overlap outside [0, 1).
+        """
+        changes = {"tta": self.tta, "mirroring": self.mirroring, "overlap": self.overlap}
+        return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
 
     def postprocessing(self, plan: RunPlan) -> tuple[float, float]:
         """Threshold and minimum lesion size (mm3): these options' where set, else the
@@ -235,9 +247,8 @@ def predict_probability(
             case_id=case.case_id, spec=model.plan.preprocessing,
         )  # fmt: skip
         logits = predict_logits(
-            model.model, pre.image, model.patch_size, model.config.inference,
-            device=model.device, dtype=model.dtype, tta=options.tta,
-            mirroring=options.mirroring,
+            model.model, pre.image, model.patch_size, options.inference(model.config.inference),
+            device=model.device, dtype=model.dtype,
         )  # fmt: skip
         prob = pre.restore(foreground_probability(logits, model.plan.activation))
         total = prob if total is None else total + prob

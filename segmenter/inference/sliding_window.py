@@ -171,7 +171,6 @@ def predict_logits(
     device: torch.device,
     dtype: torch.dtype | None = None,
     tta: bool | None = None,
-    mirroring: str | None = None,
 ) -> np.ndarray:
     """Logits of a preprocessed volume, averaged over mirrorings when TTA is on.
 
@@ -183,7 +182,6 @@ def predict_logits(
         device: where to run.
         dtype: autocast dtype or None.
         tta: override ``cfg.tta``.
-        mirroring: override ``cfg.mirroring`` (``all`` or ``single``).
 
     Returns:
         ``(K, X, Y, Z)`` float32 logits (K output channels of the model).
@@ -191,9 +189,7 @@ def predict_logits(
     x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # a writable copy
     logits = sliding_window_logits(
         model, x, patch_size, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
-        dtype=dtype, mirrors=mirror_set(
-            cfg.tta if tta is None else tta, cfg.mirroring if mirroring is None else mirroring
-        ),
+        dtype=dtype, mirrors=mirror_set(cfg.tta if tta is None else tta, cfg.mirroring),
     )  # fmt: skip
     return logits[0].cpu().numpy()
 

@@ -18,6 +18,7 @@ import pytest
 from test_faults import fm
 
 from segmenter.cli import main
+from segmenter.config import InferenceConfig
 from segmenter.data.layout import Case
 from segmenter.errors import InputError
 from segmenter.inference import predict as predict_module
@@ -348,3 +349,19 @@ def test_a_predict_killed_halfway_through_a_folder_resumes_with_every_mask_whole
     for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
         expected = read_image(tmp_path / "whole" / name).array
         np.testing.assert_array_equal(read_image(out / name).array, expected)
+
+
+def test_options_override_the_runs_tta_mirroring_and_overlap_only_where_set() -> None:
+    run = InferenceConfig(overlap=0.5, tta=True, mirroring="all", sw_batch_size=3)
+    assert PredictOptions().inference(run) == run
+    changed = PredictOptions(tta=False, mirroring="single", overlap=0.25).inference(run)
+    assert changed == dataclasses.replace(run, tta=False, mirroring="single", overlap=0.25)
+
+
+def test_a_bad_overlap_is_one_usage_line(trained_run: Path, phantoms: Path, tmp_path: Path) -> None:
+    from segmenter import cli
+
+    argv = ["predict", "--model", str(trained_run), "--input", *map(str, channels(phantoms)),
+            "--output", str(tmp_path / "m.nii.gz"), "--overlap", "1"]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert not (tmp_path / "m.nii.gz").exists()

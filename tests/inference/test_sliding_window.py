@@ -158,5 +158,6 @@ def test_single_axis_mirroring_runs_no_flip_and_the_three_single_flips() -> None
         model.weight.copy_(torch.tensor([1.75, 2.0, 3.25]).view(1, 1, 3, 1, 1))
         expected = model(torch.from_numpy(image)[None])[0].numpy()
     np.testing.assert_allclose(mirrored, expected, atol=1e-5)
-    overridden = predict_logits(shift_model(), image, (16, 8, 8), cfg, device=CPU, mirroring="all")
+    every = InferenceConfig(tta=True, mirroring="all")
+    overridden = predict_logits(shift_model(), image, (16, 8, 8), every, device=CPU)
     assert np.abs(overridden - mirrored).max() > 0.1
