@@ -5,14 +5,14 @@
   the Gaussian that weighs each window's voxels (nnU-Net's sigma of 1/8 of the window), made
   once per volume;
 - :func:`sliding_window_logits`: logits of a whole preprocessed volume from the windows, each
-  window's mirrored copies (:data:`MIRROR_AXES`, nnU-Net's TTA) in the same forward pass and
-  averaged before the window is added;
+  window's mirrored copies (:data:`MIRROR_AXES`, nnU-Net's TTA; one forward pass for all of
+  them on an accelerator, one per mirroring on the CPU) averaged before the window is added;
 - :func:`predict_logits`: the same from and to numpy, with the TTA and window settings of a
   config; :func:`foreground_probability`: the foreground probability map of the logits.
 
 Writing our own loop instead of calling MONAI's ``sliding_window_inference`` keeps ``monai``
-out of ``segmenter predict`` (its import alone took 6 s of a 25 s call) and lets the mirrored
-copies share one forward pass.
+out of ``segmenter predict`` (its import took 6 s of a 25 s call under cProfile) and lets a
+window's mirrored copies be batched on an accelerator.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def sliding_window_logits(
         image: ``(1, C, X, Y, Z)`` float, preprocessed, on the model's device.
         patch_size: window size (the training patch, or larger for a fully convolutional net).
         overlap: window overlap fraction (0.5 as nnU-Net).
-        sw_batch_size: windows per forward pass (each with all its mirrored copies).
+        sw_batch_size: windows per forward pass (on an accelerator each with all its
+            mirrored copies; on the CPU one mirroring per pass).
         dtype: autocast dtype or None for float32.
         mirrors: axis tuples (of ``(2, 3, 4)``) to flip; ``((),)`` is no TTA.
 
