@@ -543,5 +543,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The console script and ``python -m segmenter``: :func:`main`'s exit code.
+
+    A rank of a data-parallel run (torchrun's ``WORLD_SIZE`` over 1) ends with ``os._exit``
+    once its streams are flushed: every file is written (atomically, by rank 0) by then, and
+    a rank whose peer had already exited was once seen hanging at interpreter shutdown
+    (after printing its stop line) in the gloo process group's teardown.
+    """
+    code = main()
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -168,5 +169,13 @@ def test_a_full_disk_is_one_line_exit_1_and_the_previous_file_stays(
 def test_python_dash_m_segmenter_is_the_cli() -> None:
     run = subprocess.run([sys.executable, "-m", "segmenter", "verify", "/nonexistent/ds"],
                          capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2
+    assert "/nonexistent/ds: dataset folder not found" in run.stdout + run.stderr
+
+
+def test_a_rank_of_a_data_parallel_run_exits_with_its_code_and_its_output_flushed() -> None:
+    env = {**os.environ, "WORLD_SIZE": "2"}  # verify is not distributed: only the exit path is
+    run = subprocess.run([sys.executable, "-m", "segmenter", "verify", "/nonexistent/ds"],
+                         capture_output=True, text=True, env=env)  # fmt: skip
     assert run.returncode == 2
     assert "/nonexistent/ds: dataset folder not found" in run.stdout + run.stderr
