@@ -590,6 +590,26 @@ def run_matrix(ctx: Context, names: Sequence[str] | None = None) -> list[Row]:
     return rows
 
 
+def bad_input_table(workdir: Path) -> tuple[list[Row], str]:
+    """The bad-input matrix of ``tests/bad_input_cases.py`` (every case of ``verify``, ``plan``,
+    ``train``, ``predict`` and ``evaluate`` on broken files, headers, configs, checkpoints):
+    its rows and a table of them by command, with every row not handled in full."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from bad_input_cases import bad_input_rows
+
+    found = bad_input_rows(workdir=workdir)
+    rows = [Row(r.fault, r.command, r.happened, r.handled, r.data_lost) for r in found]
+    lines = ["| command | bad inputs tried | handled | data lost |", "|---|---|---|---|"]
+    for command in dict.fromkeys(r.command.split()[0] for r in rows):
+        mine = [r for r in rows if r.command.split()[0] == command]
+        lines.append(f"| {command} | {len(mine)} | {sum(r.handled for r in mine)} | "
+                     f"{sum(r.data_lost for r in mine)} |")  # fmt: skip
+    handled, lost = sum(r.handled for r in rows), sum(r.data_lost for r in rows)
+    lines.append(f"\n{len(rows)} bad inputs tried, {handled} handled, data lost in {lost}")
+    lines += [f"NOT HANDLED: {r.fault} | {r.command} | {r.happened}" for r in rows if not r.handled]
+    return rows, "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the matrix (or, with ``child``, one faulted child); exit 0 when all is handled."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -603,6 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", help="case names to run", choices=[n for n, _ in CASES]
     )
+    parser.add_argument(
+        "--bad-inputs", action="store_true",
+        help="also run the bad-input matrix (tests/bad_input_cases.py, a few minutes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from segmenter.data.synthetic import PhantomSpec, write_dataset
 
@@ -613,10 +637,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset = write_dataset(root / "data", 6, seed=0, spec=PhantomSpec(size=32))
         ctx = Context(root=root, dataset=dataset, rng=random.Random(args.seed))
         rows = run_matrix(ctx, args.only)
+        bad, bad_table = bad_input_table(root / "bad_inputs") if args.bad_inputs else ([], "")
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     print(format_table(rows))
+    if args.bad_inputs:
+        print(f"\n{bad_table}")
+    rows += bad
     print(f"seed {args.seed}, {time.perf_counter() - start:.0f} s")
     return 0 if all(r.handled for r in rows) else 1
 

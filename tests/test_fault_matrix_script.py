@@ -3,6 +3,7 @@ was handled."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,22 @@ def test_a_case_that_breaks_is_a_row_not_handled(
     ctx = fm.Context(root=tmp_path, dataset=tmp_path, rng=fm.random.Random(0))
     (row,) = fm.run_matrix(ctx)
     assert not row.handled and row.data_lost == 1 and "no disk" in row.happened
+
+
+def test_the_bad_input_table_counts_by_command_and_names_what_was_not_handled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import bad_input_cases
+
+    found = [bad_input_cases.Row("empty file", "verify", "exit 2: ...", True, 0),
+             bad_input_cases.Row("NaN voxels", "predict", "exit 2: ...", True, 0),
+             bad_input_cases.Row("4D scan", "predict", "exit 1: Traceback", False, 1)]  # fmt: skip
+    fake = types.SimpleNamespace(bad_input_rows=lambda workdir: found)
+    monkeypatch.setitem(sys.modules, "bad_input_cases", fake)
+    rows, table = fm.bad_input_table(tmp_path)
+    assert [r.handled for r in rows] == [True, True, False]
+    assert "| verify | 1 | 1 | 0 |" in table and "| predict | 2 | 1 | 1 |" in table
+    assert "3 bad inputs tried, 2 handled, data lost in 1" in table
+    assert "NOT HANDLED: 4D scan | predict | exit 1: Traceback" in table
