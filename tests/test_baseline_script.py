@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from tiny import load_script
 
 from segmenter.data.synthetic import PhantomSpec, write_dataset
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "baseline_monai.py"
 
 
 def test_baseline_runs_on_our_split_and_writes_an_evaluate_summary(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = importlib.util.spec_from_file_location("baseline_monai", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("baseline_monai")
     dataset = write_dataset(tmp_path, 4, seed=1, spec=PhantomSpec(size=40))
     ids = sorted(p.name.removesuffix(".nii.gz") for p in (dataset / "labelsTr").iterdir())
     splits = tmp_path / "splits.json"

@@ -3,25 +3,18 @@ mask, and a whole-process timing reports seconds and peak memory."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
+from tiny import load_script
 
 from segmenter.cli import main
 from segmenter.io import read_image
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_predict.py"
-
 
 def _bench():  # the script as a module
-    spec = importlib.util.spec_from_file_location("bench_predict", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_predict")
 
 
 def test_the_random_run_predicts_and_the_monai_reference_writes_a_mask(tmp_path: Path) -> None:

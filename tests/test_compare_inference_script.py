@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_inference.py"
+from tiny import load_script
 
 
 def test_the_table_has_one_row_per_setting_and_the_first_agrees_with_itself(
     trained_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = importlib.util.spec_from_file_location("compare_inference", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("compare_inference")
     argv = ["--model", str(trained_run), "--overlaps", "0.5", "0.25", "--mirroring", "all", "none"]
     assert module.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()

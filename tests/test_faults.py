@@ -11,15 +11,14 @@ its timing columns, ``summary.json`` and ``plan.json``.
 
 from __future__ import annotations
 
-import importlib.util
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from tiny import load_script
 
 from segmenter.cli import main
 from segmenter.locking import LOCK_FILE, FolderLock
@@ -31,14 +30,7 @@ CHANGES = {"train.epochs": 2, "train.iterations_per_epoch": 2, "data.batch_size"
 
 def load_fault_matrix() -> ModuleType:
     """``scripts/fault_matrix.py`` as a module (its fault hooks and comparisons)."""
-    spec = importlib.util.spec_from_file_location(
-        "fault_matrix", ROOT / "scripts" / "fault_matrix.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fault_matrix")
 
 
 fm = load_fault_matrix()

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "real_data_results.py"
+from tiny import load_script
 
 
 def _script() -> Any:
-    spec = importlib.util.spec_from_file_location("real_data_results", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("real_data_results")
 
 
 def _case(case_id: str, dices: list[float | None], n_pred: int) -> dict[str, Any]:

@@ -5,8 +5,11 @@ session fixtures, ``tests/bad_input_cases.py`` calls them outside pytest."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 import yaml
 
@@ -68,3 +71,15 @@ def train_tiny_run(root: Path, dataset: Path) -> Path:
     cfg = load_config(write_tiny_config(root / "tiny.yaml", dataset))
     fit(cfg, root / "run", progress=False)
     return root / "run"
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/NAME.py`` as a module, registered in ``sys.modules`` (its dataclasses look
+    their module up there)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
