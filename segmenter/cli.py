@@ -273,14 +273,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from segmenter import config as config_mod
     from segmenter.evaluation.report import format_metric
     from segmenter.workflows.compare import compare, load_variants
+    from segmenter.workflows.compare_stats import statistics_lines, variant_statistics
 
     base = config_mod.load_config(args.config, args.set)
     variants = load_variants(args.variants, base)
     results = compare(
-        base, variants, args.out, minutes=args.minutes, progress=True,
-        variant_progress=_progress("compare", unit="variant"),
+        base, variants, args.out, minutes=args.minutes, folds=args.folds, seeds=args.seeds,
+        reference=args.reference, progress=True,
+        variant_progress=_progress("compare", unit="run"),
     )  # fmt: skip
-    print(f"{'variant':<16} {'held-out':>8} {'Dice':>6} {'recall':>7} {'prec':>6} {'F1':>6}  run")
+    print(
+        f"{'variant':<16} {'replicate':<14} {'held-out':>8} {'Dice':>6} {'recall':>7} "
+        f"{'prec':>6} {'F1':>6}  run"
+    )
     for r in results:
         fg, pooled = r.summary["foreground_mean"], r.summary["lesion"]["pooled"]
         dice, recall, prec, f1 = (
@@ -288,10 +293,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             for v in (fg["Dice"], pooled["recall"], pooled["precision"], pooled["f1"])
         )
         print(
-            f"{r.variant.name:<16} {r.summary['n_cases']:>8} {dice:>6} {recall:>7} {prec:>6} "
-            f"{f1:>6}  {'trained' if r.trained_now else 'skipped (finished before)'}"
+            f"{r.variant.name:<16} {r.replicate.name:<14} {r.summary['n_cases']:>8} {dice:>6} "
+            f"{recall:>7} {prec:>6} {f1:>6}  "
+            f"{'trained' if r.trained_now else 'skipped (finished before)'}"
         )
-    print(f"wrote {Path(args.out) / 'comparison.csv'}")
+    from segmenter.workflows.compare import comparison_rows
+
+    reference = args.reference or variants[0].name
+    for line in statistics_lines(variant_statistics(comparison_rows(results), reference)):
+        print(line)
+    out = Path(args.out)
+    print(f"wrote {out / 'comparison.csv'} and {out / 'statistics.csv'}")
     return 0
 
 
@@ -457,7 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", required=True, help="YAML file: variants: {name: {key: value}}")
     p.add_argument("--out", required=True, help="comparison folder (finished variants are kept)")
     p.add_argument(
-        "--minutes", type=_positive_float, help="training budget per variant (train.max_minutes)"
+        "--minutes", type=_positive_float, help="training budget per run (train.max_minutes)"
+    )
+    p.add_argument(
+        "--folds", type=int, nargs="+", help="folds to train and score each variant on (default 0)"
+    )
+    p.add_argument(
+        "--seeds", type=int, nargs="+",
+        help="training seeds per fold (default train.seed; the split stays the base config's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--reference", help="variant the others are compared with case by case (default: first)"
     )
     _add_set(p, "override a key of the base config (repeatable)")
     p.set_defaults(func=_cmd_compare)

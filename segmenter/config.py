@@ -272,7 +272,9 @@ class TrainConfig:
     """Optimisation and the training loop (see ``segmenter.training.loop``).
 
     Attributes:
-        seed: seeds weights, sampling and augmentation.
+        seed: seeds weights, sampling and augmentation (and the split, unless ``split_seed``).
+        split_seed: seeds the cross-validation split of ``splits.json``; null: ``seed``. Fixing it
+            lets runs with several seeds share their folds (``segmenter compare --seeds``).
         optimizer: ``adamw`` or ``sgd`` (nnU-Net: SGD, Nesterov, momentum 0.99, lr 1e-2).
         lr: peak learning rate.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay (nnU-Net: 3e-5).
@@ -299,6 +301,7 @@ class TrainConfig:
     """
 
     seed: int = 0
+    split_seed: int | None = None
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-3
     weight_decay: float = 3e-5
@@ -324,6 +327,11 @@ class TrainConfig:
             raise ConfigError("train.max_minutes must be > 0 or null")
         if self.val_every < 1 or self.n_folds < 2:
             raise ConfigError("train.val_every must be >= 1 and train.n_folds >= 2")
+
+    @property
+    def resolved_split_seed(self) -> int:
+        """The seed of the cross-validation split: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
 
 @dataclass(frozen=True)

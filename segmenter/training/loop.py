@@ -205,7 +205,7 @@ def _split_cases(
         split = splits[0]
     else:
         burdens = [float((c.label > 0).mean()) if c.label is not None else 0.0 for c in cases]
-        splits = make_splits(ids, burdens, cfg.train.n_folds, cfg.train.seed)
+        splits = make_splits(ids, burdens, cfg.train.n_folds, cfg.train.resolved_split_seed)
         split = splits[int(fold)]
     by_id = {c.case_id: c for c in cases}
     return splits, [by_id[c] for c in split["train"]], [by_id[c] for c in split["val"]]

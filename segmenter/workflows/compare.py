@@ -1,10 +1,15 @@
 """Compare settings: several trainings that differ only in the keys a variant sets.
 
-Every variant trains on the same data, split (the same fold of the same seeded ``splits.json``),
-seed and wall-clock budget, and is scored on the same held-out cases with ``evaluate``'s
-summary: the dataset's test cases (``imagesTs`` with ``labelsTs``) when it has them, else the
-fold's validation cases. ``comparison.csv`` holds one row per variant and case. A finished variant
-(its ``summary.json`` written) is skipped on a rerun, so an interrupted comparison resumes.
+Every variant trains on the same data, split (the same folds of the same seeded
+``splits.json``), seeds and wall-clock budget, and is scored on the same held-out cases with
+``evaluate``'s summary: the dataset's test cases (``imagesTs`` with ``labelsTs``) when it has
+them, else each fold's validation cases. A **replicate** is one training of a variant: one fold
+(``folds``, default fold 0) and one seed (``seeds``, default the config's ``train.seed``); it
+lives in ``OUT/variants/<name>/fold<F>_seed<S>/``. ``comparison.csv`` holds one row per variant,
+replicate and case; ``statistics.csv`` the mean and spread of each variant over its replicates
+and its paired difference to the reference variant over the same cases
+(:mod:`segmenter.workflows.compare_stats`). A finished replicate (its ``summary.json`` written)
+is skipped on a rerun, so an interrupted comparison resumes.
 
 Variants file (YAML)::
 
@@ -35,12 +40,14 @@ from segmenter.data.layout import Case, Dataset
 from segmenter.errors import InputError
 from segmenter.evaluation.report import nan_mean, summary_json
 from segmenter.locking import FolderLock
+from segmenter.workflows.compare_stats import statistics_csv, variant_statistics
 
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
-    "variant", "case_id", "dice", "hd95_mm", "lesion_recall", "lesion_precision", "lesion_f1",
-    "lesion_dice", "n_ref", "n_pred", "tp", "fp", "fn", "train_minutes", "epochs", "steps",
+    "variant", "fold", "seed", "case_id", "dice", "hd95_mm", "lesion_recall", "lesion_precision",
+    "lesion_f1", "lesion_dice", "n_ref", "n_pred", "tp", "fp", "fn", "train_minutes", "epochs",
+    "steps",
 )  # fmt: skip
 
 
@@ -53,13 +60,28 @@ class Variant:
 
 
 @dataclass(frozen=True)
+class Replicate:
+    """One training of a variant: the fold it holds out and the seed it runs with (None: the
+    variant's own ``train.seed``)."""
+
+    fold: int
+    seed: int | None
+
+    @property
+    def name(self) -> str:
+        return f"fold{self.fold}_seed{self.seed}"
+
+
+@dataclass(frozen=True)
 class VariantResult:
-    """A finished variant: its folder, its evaluation summary and whether this call trained it."""
+    """A finished replicate of a variant: its folder, its evaluation summary, which fold and
+    seed, and whether this call trained it."""
 
     variant: Variant
     folder: Path
     summary: dict[str, Any]
     trained_now: bool
+    replicate: Replicate = Replicate(0, 0)
 
 
 def load_variants(path: str | Path, base: Config) -> list[Variant]:
@@ -90,27 +112,76 @@ def load_variants(path: str | Path, base: Config) -> list[Variant]:
     return variants
 
 
-def variant_config(base: Config, variant: Variant, minutes: float | None) -> Config:
-    """The base config with the variant's keys set (and the shared budget, when given)."""
+def variant_config(
+    base: Config, variant: Variant, minutes: float | None, seed: int | None = None
+) -> Config:
+    """The base config with the variant's keys set (and the shared budget and the replicate's
+    seed, when given)."""
     values = dict(variant.values)
     if minutes is not None:
         values["train.max_minutes"] = float(minutes)
+    if seed is not None:
+        values["train.seed"] = int(seed)
+        values.setdefault("train.split_seed", base.train.resolved_split_seed)
     return apply_values(base, values)
+
+
+def replicates(
+    base: Config, variants: list[Variant], folds: Iterable[int] | None, seeds: Iterable[int] | None
+) -> list[Replicate]:
+    """The (fold, seed) pairs every variant runs, folds outer.
+
+    Raises:
+        InputError: a fold outside ``train.n_folds``, a repeated fold or seed, or seeds given
+            while a variant sets ``train.seed`` itself.
+    """
+    fold_list = [0] if folds is None else list(folds)
+    seed_list: list[int | None] = [None] if seeds is None else list(seeds)
+    n_folds = base.train.n_folds
+    for name, values in (("fold", fold_list), ("seed", seed_list)):
+        if len(set(values)) != len(values):
+            raise InputError(f"compare: a {name} is given twice: {values}")
+    if not fold_list or any(not 0 <= f < n_folds for f in fold_list):
+        raise InputError(
+            f"compare: folds must be in 0..{n_folds - 1} (train.n_folds), got {fold_list}"
+        )
+    if not seed_list:
+        raise InputError("compare: no seeds given")
+    fixed = [v.name for v in variants if "train.seed" in v.values]
+    if seeds is not None and fixed:
+        raise InputError(f"compare: --seeds given but variant(s) {fixed} set train.seed")
+    return [Replicate(f, s) for f in fold_list for s in seed_list]
 
 
 def _summary_path(folder: Path) -> Path:
     return folder / "evaluation" / "summary.json"
 
 
+def replicate_folder(out: Path, variant: Variant, replicate: Replicate) -> Path:
+    """``OUT/variants/<name>/fold<F>_seed<S>``."""
+    return out / "variants" / variant.name / replicate.name
+
+
 def run_variant(
-    base: Config, variant: Variant, out: Path, *, minutes: float | None, progress: bool
+    base: Config,
+    variant: Variant,
+    out: Path,
+    *,
+    minutes: float | None,
+    progress: bool,
+    replicate: Replicate | None = None,
 ) -> VariantResult:
-    """Train, predict and evaluate one variant (or load its finished result)."""
-    folder = out / "variants" / variant.name
+    """Train, predict and evaluate one replicate of a variant (or load its finished result).
+
+    ``replicate`` None: fold 0 with the variant's own seed. The result names the seed used."""
+    replicate = replicate or Replicate(0, None)
+    cfg = variant_config(base, variant, minutes, replicate.seed)
+    replicate = Replicate(replicate.fold, cfg.train.seed)
+    folder = replicate_folder(out, variant, replicate)
     done = _summary_path(folder)
     if done.is_file():
-        log.info("variant %s: finished before, skipped", variant.name)
-        return VariantResult(variant, folder, json.loads(done.read_text()), False)
+        log.info("variant %s %s: finished before, skipped", variant.name, replicate.name)
+        return VariantResult(variant, folder, json.loads(done.read_text()), False, replicate)
     from segmenter.data.layout import load_dataset
     from segmenter.data.splits import resolve_dataset
     from segmenter.evaluation import evaluate
@@ -118,12 +189,11 @@ def run_variant(
     from segmenter.inference.predictor import load_predictor
     from segmenter.training import loop
 
-    cfg = variant_config(base, variant, minutes)
     run = folder / "run"
     resume = (run / "checkpoints" / "last.pt").is_file()
-    result = loop.fit(cfg, run, fold=0, resume=resume, progress=progress)
+    result = loop.fit(cfg, run, fold=replicate.fold, resume=resume, progress=progress)
     dataset = load_dataset(resolve_dataset(cfg))
-    cases, held_out = held_out_cases(dataset, run)
+    cases, held_out = held_out_cases(dataset, run, replicate.fold)
     predictor = load_predictor(run)
     predictions, reference = folder / "predictions", folder / "reference"
     options = PredictOptions(save_probabilities=True)
@@ -142,29 +212,30 @@ def run_variant(
         size_bins_mm3=cfg.evaluation.size_bins_mm3, out_dir=folder / "evaluation",
     )  # fmt: skip
     summary["held_out"] = held_out
+    summary["replicate"] = {"fold": replicate.fold, "seed": replicate.seed}
     summary["training"] = {
         "minutes": result.seconds / 60.0, "epochs": result.epochs, "steps": result.steps,
     }  # fmt: skip
     save_config(cfg, folder / "config.yaml")
     text = summary_json(summary)
     write_text(done, text)
-    return VariantResult(variant, folder, json.loads(text), True)
+    return VariantResult(variant, folder, json.loads(text), True, replicate)
 
 
-def held_out_cases(dataset: Dataset, run: Path) -> tuple[list[Case], str]:
-    """The cases every variant is scored on, and how to name them in the summary.
+def held_out_cases(dataset: Dataset, run: Path, fold: int = 0) -> tuple[list[Case], str]:
+    """The cases a replicate is scored on, and how to name them in the summary.
 
     The dataset's labelled test cases (``imagesTs`` with ``labelsTs``) when it has them, else
-    the validation cases of fold 0 in ``run/splits.json`` (the same for every variant: same
-    cases, seed and number of folds).
+    the validation cases of ``fold`` in ``run/splits.json`` (the same for every variant: same
+    cases, split seed and number of folds).
     """
     test = [c for c in dataset.test if c.label is not None]
     if test and len(test) == len(dataset.test):
         return test, "test cases (imagesTs/labelsTs)"
     split = json.loads((run / "splits.json").read_text())
-    fold = split[0] if isinstance(split, list) else split
+    entry = split[fold] if isinstance(split, list) else split
     by_id = {c.case_id: c for c in dataset.training}
-    return [by_id[i] for i in fold["val"]], "validation cases of fold 0"
+    return [by_id[i] for i in entry["val"]], f"validation cases of fold {fold}"
 
 
 FROC_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
@@ -205,31 +276,72 @@ def froc_points(prob_dir: Path, label_dir: Path, cfg: Config) -> list[dict[str, 
     return points
 
 
+def _pooled_bins(results: list[VariantResult]) -> dict[str, dict[str, float]]:
+    """Pooled recall by size over a variant's replicates (lesion counts summed per bin)."""
+    bins: dict[str, dict[str, float]] = {}
+    for r in results:
+        for label, entry in r.summary["lesion"]["pooled"]["recall_by_size"].items():
+            b = bins.setdefault(label, {"n": 0.0, "detected": 0.0})
+            b["n"] += float(entry.get("n") or 0)
+            b["detected"] += float(entry.get("detected") or 0)
+    for b in bins.values():
+        b["recall"] = b["detected"] / b["n"] if b["n"] else math.nan
+    return bins
+
+
+def _mean_froc(results: list[VariantResult]) -> list[dict[str, float]]:
+    """A variant's FROC points averaged over its replicates, threshold by threshold."""
+    curves = [
+        json.loads((r.folder / "froc.json").read_text())
+        for r in results
+        if (r.folder / "froc.json").is_file()
+    ]
+    if not curves:
+        return []
+    return [
+        {
+            "threshold": points[0]["threshold"],
+            "recall": float(np.nanmean([p["recall"] for p in points])),
+            "fp_per_case": float(np.nanmean([p["fp_per_case"] for p in points])),
+        }
+        for points in zip(*curves, strict=True)
+    ]
+
+
+def by_variant(results: list[VariantResult]) -> dict[str, list[VariantResult]]:
+    """Results grouped by variant name, in the order given."""
+    groups: dict[str, list[VariantResult]] = {}
+    for r in results:
+        groups.setdefault(r.variant.name, []).append(r)
+    return groups
+
+
 def write_plots(results: list[VariantResult], rows: list[dict[str, Any]], out: Path) -> None:
-    """The comparison's PNGs: recall by size, Dice/F1 spread, FROC, training curves."""
+    """The comparison's PNGs: recall by size, Dice/F1 spread, FROC and training curves (pooled
+    or averaged over each variant's replicates), and the first replicates' slice overlay."""
     from segmenter import plots
 
+    groups = by_variant(results)
     plots.close(
         plots.recall_by_size(
-            {r.variant.name: r.summary["lesion"]["pooled"]["recall_by_size"] for r in results},
+            {name: _pooled_bins(group) for name, group in groups.items()},
             path=out / "recall_by_size.png",
         )
     )
     plots.close(plots.metric_spread(rows, path=out / "dice_f1_per_variant.png"))
-    curves = {
-        r.variant.name: json.loads((r.folder / "froc.json").read_text())
-        for r in results
-        if (r.folder / "froc.json").is_file()
-    }
+    curves = {name: _mean_froc(group) for name, group in groups.items()}
+    curves = {name: points for name, points in curves.items() if points}
     if curves:
         plots.close(plots.froc(curves, path=out / "froc.png"))
-    _overlay(results, out)
+    _overlay([group[0] for group in groups.values()], out)
+    several = any(len(group) > 1 for group in groups.values())
     histories = {}
     for r in results:
         metrics_csv = r.folder / "run" / "metrics.csv"
         if metrics_csv.is_file():
+            key = f"{r.variant.name} {r.replicate.name}" if several else r.variant.name
             with open(metrics_csv, newline="") as f:
-                histories[r.variant.name] = list(csv.DictReader(f))
+                histories[key] = list(csv.DictReader(f))
     if histories:
         plots.close(plots.training_curves(histories, path=out / "training_curves.png"))
 
@@ -265,7 +377,8 @@ def _overlay(results: list[VariantResult], out: Path) -> None:
 
 
 def comparison_rows(results: Iterable[VariantResult]) -> list[dict[str, Any]]:
-    """One row per variant and held-out case (voxel Dice of the foreground, lesion counts)."""
+    """One row per variant, replicate and held-out case (voxel Dice of the foreground, lesion
+    counts)."""
     rows = []
     for r in results:
         training = r.summary.get("training", {})
@@ -274,6 +387,8 @@ def comparison_rows(results: Iterable[VariantResult]) -> list[dict[str, Any]]:
             les = case["lesion"]
             rows.append({
                 "variant": r.variant.name,
+                "fold": r.replicate.fold,
+                "seed": r.replicate.seed,
                 "case_id": case.get("case_id", Path(case["reference_file"]).name),
                 "dice": nan_mean([m.get("Dice") for m in voxel])[0],
                 "hd95_mm": nan_mean([m.get("HD95") for m in voxel])[0],
@@ -307,35 +422,56 @@ def compare(
     out: str | Path,
     *,
     minutes: float | None = None,
+    folds: Iterable[int] | None = None,
+    seeds: Iterable[int] | None = None,
+    reference: str | None = None,
     progress: bool = True,
-    variant_progress: Callable[[Iterable[Variant], int], Iterable[Variant]] | None = None,
+    variant_progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
 ) -> list[VariantResult]:
-    """Run every variant (skipping finished ones) and write ``OUT/comparison.csv``.
+    """Run every variant on every replicate (skipping finished ones); write
+    ``OUT/comparison.csv`` and ``OUT/statistics.csv``.
 
     Args:
         base: the shared config (data, split, seed, model...).
         variants: the settings to compare.
-        out: comparison folder; each variant lives in ``OUT/variants/<name>/``.
-        minutes: wall-clock training budget for each variant (``train.max_minutes``).
+        out: comparison folder; each replicate lives in ``OUT/variants/<name>/fold<F>_seed<S>/``.
+        minutes: wall-clock training budget for each replicate (``train.max_minutes``).
+        folds: folds of the base config's split to train and score (default: fold 0).
+        seeds: training seeds (default: ``train.seed``); the split stays the base config's.
+        reference: the variant the others are compared with, case by case (default: the first).
         progress: training progress bars.
-        variant_progress: optional wrapper drawing a bar over variants.
+        variant_progress: optional wrapper drawing a bar over the (variant, replicate) runs.
 
     Returns:
-        One result per variant, in the order given.
+        One result per variant and replicate, variants in the order given, replicates folds
+        first.
+
+    Raises:
+        InputError: bad folds or seeds, or a reference that names no variant.
     """
     folder = Path(out)
-    iterable: Iterable[Variant] = variants
+    reps = replicates(base, variants, folds, seeds)
+    names = [v.name for v in variants]
+    reference = names[0] if reference is None else reference
+    if reference not in names:
+        raise InputError(f"compare: reference variant '{reference}' is not one of {names}")
+    runs: Iterable[tuple[Variant, Replicate]] = [(v, rep) for v in variants for rep in reps]
     if variant_progress is not None:
-        iterable = variant_progress(variants, len(variants))
+        runs = variant_progress(runs, len(variants) * len(reps))
     with FolderLock(folder, "compare"):
         save_config(base, folder / "base_config.yaml")
         start = time.perf_counter()
         results = [
-            run_variant(base, variant, folder, minutes=minutes, progress=progress)
-            for variant in iterable
+            run_variant(base, v, folder, minutes=minutes, progress=progress, replicate=rep)
+            for v, rep in runs
         ]
         rows = comparison_rows(results)
         write_text(folder / "comparison.csv", _csv_text(rows))
+        stats = variant_statistics(rows, reference)
+        write_text(folder / "statistics.csv", statistics_csv(stats))
         write_plots(results, rows, folder)
-    log.info("compared %d variants in %.1f min", len(results), (time.perf_counter() - start) / 60)
+    log.info(
+        "compared %d variants x %d replicates in %.1f min",
+        len(variants), len(reps), (time.perf_counter() - start) / 60,
+    )  # fmt: skip
     return results
