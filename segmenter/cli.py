@@ -159,10 +159,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not dist.chief:
         return 0
     how = "budget reached" if result.stopped_by_budget else "all epochs"
+    if result.best_epoch >= 0:
+        best = (
+            f"best {cfg.train.best_metric} (moving average over validations) "
+            f"{result.best_metric:.3f} at epoch {result.best_epoch}"
+        )
+    else:
+        best = "no validation: best.pt is the last checkpoint"
     print(
         f"trained {result.epochs} epochs ({result.steps} steps, {how}) in "
-        f"{result.seconds / 60:.1f} min; best {cfg.train.best_metric} (moving average over "
-        f"validations) {result.best_metric:.3f} at epoch {result.best_epoch}; the step waited "
+        f"{result.seconds / 60:.1f} min; {best}; the step waited "
         f"for data {100 * result.data_wait_fraction:.1f}% of the time\nrun folder: {out}"
     )
     return 0

@@ -294,10 +294,18 @@ class TrainConfig:
             ``lesion_recall``.
         device: ``auto``, ``cpu`` or ``cuda``.
         threads: torch CPU threads (null: all cores).
-        tune_threshold: after training, pick the probability threshold that maximises the mean
-            of pooled lesion F1 and voxel Dice on this fold's validation cases (best checkpoint,
-            no TTA) and store it in the run as predict's default; false keeps
+        tune_threshold: after training, pick the probability threshold that maximises the
+            harmonic mean of pooled lesion F1 and voxel Dice on the validation cases (best
+            checkpoint, no TTA) and store it in the run as predict's default; false keeps
             ``inference.threshold``.
+        validation: what training validates on (whole volumes, every ``val_every`` epochs;
+            the scores pick ``best.pt`` and tune the threshold): ``held_out`` (the fold's
+            validation cases), ``training`` (its training cases), ``none`` (no validation:
+            the whole budget trains, ``best.pt`` is the last checkpoint and predict keeps
+            ``inference.threshold``), or ``auto``: ``held_out`` for a fold number and ``none``
+            for ``--fold all``, which has no held-out case (scores on the training cases would
+            pick a checkpoint and threshold for data the model has seen; nnU-Net's fold
+            ``all`` also keeps its final checkpoint).
     """
 
     seed: int = 0
@@ -319,6 +327,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
     tune_threshold: bool = True
+    validation: Literal["auto", "held_out", "training", "none"] = "auto"
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.epochs < 1 or self.iterations_per_epoch < 1:
@@ -327,6 +336,13 @@ class TrainConfig:
             raise ConfigError("train.max_minutes must be > 0 or null")
         if self.val_every < 1 or self.n_folds < 2:
             raise ConfigError("train.val_every must be >= 1 and train.n_folds >= 2")
+
+    def validation_for(self, fold: int | str) -> str:
+        """``validation`` resolved for ``fold``: ``auto`` is ``held_out`` for a fold number and
+        ``none`` for ``"all"``."""
+        if self.validation == "auto":
+            return "none" if fold == "all" else "held_out"
+        return self.validation
 
     @property
     def resolved_split_seed(self) -> int:

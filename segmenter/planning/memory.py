@@ -60,7 +60,9 @@ Training, all cases (``data.cache_dir`` empty: every preprocessed case is held i
   larger of a step, ``BP x`` :data:`TRAINING_BYTES_PER_VOXEL` ``+``
   :data:`TRAINING_SCRATCH_BYTES`, and a validation: the largest validation case's ``window``
   tensors (no TTA; its image is resident already) ``+ 4 sum M_val`` (the new probabilities).
-  The validation cases are the ``ceil(n / n_folds)`` largest, all of them with ``--fold all``.
+  The validation cases (``train.validation``) are the ``ceil(n / n_folds)`` largest for
+  ``held_out``, all the others for ``training`` (every case with ``--fold all``), none for
+  ``none`` (``--fold all``'s default).
   Training on an accelerator keeps the weights, the step and the windows there.
 
 Left out: the forked loader workers' own interpreters, the writers' buffers and the GPU's own
@@ -414,11 +416,14 @@ def training_estimate(volumes: Sequence[Volume], job: TrainingJob) -> MemoryEsti
     cached = job.cached or (False,) * len(volumes)
     pairs = zip(volumes, ms, cached, strict=True)
     prep = sorted((0 if hit else _case_preprocess_bytes(v, m) for v, m, hit in pairs), reverse=True)
-    n_val = len(ms) if job.fold == "all" else math.ceil(len(ms) / cfg.train.n_folds)
+    held_out = 0 if job.fold == "all" else math.ceil(len(ms) / cfg.train.n_folds)
+    n_val = {"none": 0, "held_out": held_out, "training": len(ms) - held_out}[
+        cfg.train.validation_for(job.fold)
+    ]
     val_ms = sorted(ms, reverse=True)[:n_val]
     probs = F32 * sum(val_ms)
     run = InferenceSetting.of_config(cfg, job.out_channels, on_accelerator=job.on_accelerator)
-    validate = _window_bytes(c, run, val_ms[0]) + probs
+    validate = _window_bytes(c, run, val_ms[0]) + probs if val_ms else 0
     step = _step_bytes(cfg, job.on_accelerator)
     held = resident + probs + _loader_bytes(cfg, c)
     train = held + _optimiser_bytes(cfg, job.parameters, job.on_accelerator) + max(step, validate)

@@ -167,6 +167,11 @@ def _training_dataset(cfg: Config, fold: int | str) -> Dataset:
     dataset = load_dataset(root)
     if not dataset.training:
         raise InputError(f"{root}: no training cases")
+    if fold == "all" and cfg.train.validation == "held_out":
+        raise InputError(
+            "train.validation: held_out needs a fold number: --fold all holds no case out "
+            "(use training, none or auto)"
+        )
     if fold != "all":
         if not 0 <= int(fold) < cfg.train.n_folds:
             raise InputError(f"--fold {fold} out of range 0..{cfg.train.n_folds - 1}")
@@ -239,13 +244,16 @@ def _set_up(
         save_config(cfg, run / "config.yaml")
     cases = _preprocess(cfg, dataset, dist, progress)
     splits, train_cases, val_cases = _split_cases(cfg, cases, fold)
+    mode = t.validation_for(fold)
+    if mode != "held_out":
+        val_cases = list(train_cases) if mode == "training" else []
     plan = build_run_plan(dataset, cfg, cases, fold)
     if dist.chief:
         write_text(run / "splits.json", json.dumps(splits, indent=2))
         write_run_plan(plan, run)
     log.info(
-        "fold %s: %d training, %d validation cases; device %s, autocast %s",
-        fold, len(train_cases), len(val_cases), device, dtype,
+        "fold %s: %d training cases, validation on %s; device %s, autocast %s",
+        fold, len(train_cases), _validation_text(mode, len(val_cases)), device, dtype,
     )  # fmt: skip
     if dist.active:
         log.info(
@@ -265,6 +273,13 @@ def _set_up(
             scaler=torch.amp.GradScaler("cuda") if dtype == torch.float16 else None, dist=dist,
         ),
     )  # fmt: skip
+
+
+def _validation_text(mode: str, n_cases: int) -> str:
+    if mode == "none":
+        return "none (best.pt is the last checkpoint, predict keeps inference.threshold)"
+    where = "held-out" if mode == "held_out" else "training"
+    return f"{n_cases} {where} case(s)"
 
 
 def _restore(session: _Session) -> TrainState:
@@ -715,7 +730,8 @@ def _epochs(
         stop_now = _chief_decides(session, clock.over_budget_after(row["epoch_s"]))
         _update_eta(bar, state, clock, t.epochs * t.iterations_per_epoch)
         due = row["epoch"] % t.val_every == 0 or row["epoch"] == t.epochs or stop_now
-        if due and session.dist.chief:  # the other ranks wait for it at the next agreement
+        # the other ranks wait for rank 0's validation at the next agreement
+        if due and session.val_cases and session.dist.chief:
             best_probs = _validate_and_select(session, state, row, clock, stop=stop) or best_probs
         else:
             log.info("epoch %d: loss %.4f", row["epoch"], row["train_loss"])

@@ -130,14 +130,20 @@ def test_a_cache_dir_takes_the_dataset_out_of_memory() -> None:
     assert training_estimate(vols, cached).phases["preprocess"] == 0  # nothing left to read
 
 
-def test_fold_all_validates_every_case() -> None:
+def test_validated_cases_follow_train_validation() -> None:
     big = (200, 200, 200)
     label = info("label.nii.gz", shape=big, dtype=np.uint8)
     vols = [Volume.from_headers([info(shape=big), info(shape=big)], label)] * 5
     cfg = Config(data=DataConfig(patch_size=(16, 16, 16), batch_size=1))  # validation peaks
-    one_fold = training_estimate(vols, tiny_job(cfg)).phases["train"]
-    every = training_estimate(vols, tiny_job(cfg, fold="all")).phases["train"]
+    on_training = replace(cfg, train=replace(cfg.train, validation="training"))
+    one_fold = training_estimate(vols, tiny_job(cfg)).phases["train"]  # 1 of 5 held out
+    every = training_estimate(vols, tiny_job(on_training, fold="all")).phases["train"]
     assert every - one_fold == 2 * 4 * 200**3 * (5 - 1)  # the kept and the new probabilities
+    fold_training = training_estimate(vols, tiny_job(on_training)).phases["train"]
+    assert fold_training - one_fold == 2 * 4 * 200**3 * (4 - 1)  # the 4 training cases
+    # --fold all validates nothing by default: no probabilities kept, no validation windows
+    none = training_estimate(vols, tiny_job(cfg, fold="all")).phases["train"]
+    assert none < one_fold
 
 
 # ------------------------------------------------------------------------------------------

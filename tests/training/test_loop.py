@@ -4,6 +4,7 @@ folder, and predictions from a trained run in the scan's own geometry."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -202,3 +203,65 @@ def reject_constant(name: str) -> float:
 
 def test_the_run_plan_is_strict_json(trained_run: Path) -> None:
     json.loads((trained_run / "plan.json").read_text(), parse_constant=reject_constant)
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_fold_all_trains_without_validation_and_keeps_the_last_checkpoint(
+    tiny_config_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # --fold all holds no case out: by default (train.validation auto) no validation runs,
+    # best.pt is last.pt and predict keeps inference.threshold.
+    caplog.set_level(logging.INFO, logger="segmenter")
+    run = tmp_path / "all"
+    argv = ["train", "--config", str(tiny_config_file), "--fold", "all", "--out", str(run),
+            "--set", "train.epochs=2", "--set", "inference.threshold=0.4"]  # fmt: skip
+    assert main(argv) == 0
+    assert "no validation: best.pt is the last checkpoint" in capsys.readouterr().out
+    rows = _csv_rows(run / "metrics.csv")
+    assert len(rows) == 2 and all(r["val_dice"] == "" and r["val_lesion_f1"] == "" for r in rows)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert best["step"] == last["step"] == 4
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["threshold"] == 0.4 and "threshold_tuning" not in plan
+    assert not (run / "summary.json").exists()
+    assert "validation on none" in caplog.text
+
+
+def test_validation_on_the_training_cases_when_asked(
+    tiny_config_file: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="segmenter")
+    run = tmp_path / "all_training"
+    argv = ["train", "--config", str(tiny_config_file), "--fold", "all", "--out", str(run),
+            "--set", "train.validation=training"]  # fmt: skip
+    assert main(argv) == 0
+    assert _csv_rows(run / "metrics.csv")[0]["val_dice"] != ""
+    assert "threshold_tuning" in json.loads((run / "plan.json").read_text())
+    assert "validation on 6 training case(s)" in caplog.text  # every phantom case
+
+
+def test_no_validation_in_a_fold_and_held_out_refused_for_fold_all(
+    tiny_config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "fold0_none"
+    argv = ["train", "--config", str(tiny_config_file), "--out", str(run),
+            "--set", "train.validation=none"]  # fmt: skip
+    assert main(argv) == 0
+    assert _csv_rows(run / "metrics.csv")[0]["val_dice"] == ""
+    refused = tmp_path / "refused"
+    argv = ["train", "--config", str(tiny_config_file), "--fold", "all", "--out", str(refused),
+            "--set", "train.validation=held_out"]  # fmt: skip
+    assert main(argv) == 2
+    assert "train.validation: held_out needs a fold number" in capsys.readouterr().err
+    assert not refused.exists()
