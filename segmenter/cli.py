@@ -88,13 +88,44 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = config_mod.load_config(args.config, args.set)
     dataset = load_dataset(args.dataset)
     out = Path(args.out) if args.out else Path("plans") / dataset.name
+    if args.minutes is not None:
+        cfg = config_mod.apply_values(cfg, {"plan.minutes": args.minutes})
     fp = fp_mod.dataset_fingerprint(dataset, workers=2, progress=_progress("fingerprint"))
     dataset_plan = planner.make_dataset_plan(fp, cfg)
+    if cfg.plan.minutes is not None:
+        dataset_plan.update(_width_for_budget(cfg, dataset_plan, dataset.n_channels))
     fp_mod.write_fingerprint(fp, out / "fingerprint.json")
     write_text(out / "plan.json", json.dumps(dataset_plan, indent=2) + "\n")
     print(_describe_dataset_plan(dataset.name, dataset_plan, fp["summary"]["lesions"]["total"]))
     print(f"wrote {out / 'fingerprint.json'} and {out / 'plan.json'}")
     return 0
+
+
+def _width_for_budget(cfg: Any, dataset_plan: dict[str, Any], n_channels: int) -> dict[str, Any]:
+    """``base_filters`` and ``width_choice`` for the plan: each width timed here, on the plan's
+    patch, depth and spacing (``plan.minutes``)."""
+    from segmenter import config as config_mod
+    from segmenter.planning import planner
+    from segmenter.training import speed
+
+    planned = config_mod.apply_values(cfg, planner.dataset_plan_values(dataset_plan))
+    print(f"timing a training step of each width on this machine ({cfg.plan.minutes:g} min budget)")
+
+    def show(t: Any) -> None:
+        print(f"  {t.base_filters} base filters: {t.seconds_per_step:.2f} s per step")
+
+    timings = speed.time_widths(planned, n_channels, on_timing=show)
+    choice = planner.choose_width([(t.base_filters, t.seconds_per_step) for t in timings], cfg.plan)
+    t = cfg.plan
+    choice.update({
+        "minutes": t.minutes, "min_steps": t.min_steps, "overhead": t.overhead,
+        "device": cfg.train.device, "precision": cfg.train.precision, "threads": cfg.train.threads,
+    })  # fmt: skip
+    width = choice["base_filters"]
+    return {
+        "base_filters": width, "max_filters": max(cfg.model.max_filters, width),
+        "width_choice": choice,
+    }  # fmt: skip
 
 
 def _describe_dataset_plan(name: str, plan: dict[str, Any], n_lesions: int) -> str:
@@ -108,6 +139,11 @@ def _describe_dataset_plan(name: str, plan: dict[str, Any], n_lesions: int) -> s
         f"patch {plan['patch_size']}, depth {plan['depth']}, batch {plan['batch_size']} "
         f"({plan['budget']} budget of {plan['budget_patch_voxels']} voxels per patch)",
         f"normalisation: {schemes}",
+        *(
+            [f"base filters {plan['base_filters']}: {plan['width_choice']['why']}"]
+            if "width_choice" in plan
+            else []
+        ),
     ])  # fmt: skip
 
 
@@ -394,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="nnU-Net raw dataset folder (DatasetXXX_Name)")
     p.add_argument("--config", help="YAML config whose plan section sets the budget")
     p.add_argument("--out", help="where fingerprint.json and plan.json go (default plans/NAME)")
+    p.add_argument(
+        "--minutes", type=_positive_float,
+        help="training budget (plan.minutes): time each width here and choose base_filters",
+    )  # fmt: skip
     _add_set(p, "override a config key, e.g. plan.budget=gpu (repeatable)")
     p.set_defaults(func=_cmd_plan)
 

@@ -412,6 +412,14 @@ class PlanConfig:
         gpu_patch_voxels: voxels per patch on a GPU (default 128^3, nnU-Net's usual 3D patch).
         batch_size: patches per step (nnU-Net: 2).
         max_depth: most resolution levels (the input level included).
+        minutes: training budget the plan sizes the network for: ``plan`` times a training
+            step of each width in ``widths`` on this machine and keeps the widest that still
+            trains ``min_steps`` steps in the budget (null: no width chosen; the config's
+            ``model.base_filters`` stays).
+        widths: candidate ``model.base_filters``, timed narrowest first (a wider one is timed
+            only while the narrower ones reach ``min_steps``).
+        min_steps: steps a budget must allow for a width to be chosen.
+        overhead: share of the budget not spent in training steps (start-up, data, validation).
     """
 
     budget: Literal["cpu", "gpu"] = "cpu"
@@ -419,6 +427,10 @@ class PlanConfig:
     gpu_patch_voxels: int = 128**3
     batch_size: int = 2
     max_depth: int = 6
+    minutes: float | None = None
+    widths: tuple[int, ...] = (8, 16, 32)
+    min_steps: int = 1000
+    overhead: float = 0.1
 
     def __post_init__(self) -> None:
         if min(self.cpu_patch_voxels, self.gpu_patch_voxels) < 8**3:
@@ -427,6 +439,12 @@ class PlanConfig:
             raise ConfigError(f"plan.batch_size must be >= 1, got {self.batch_size}")
         if not 2 <= self.max_depth <= 7:
             raise ConfigError(f"plan.max_depth must be in 2..7, got {self.max_depth}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise ConfigError("plan.minutes must be > 0 or null")
+        if not self.widths or min(self.widths) < 1 or self.min_steps < 1:
+            raise ConfigError("plan.widths must be counts >= 1 and plan.min_steps >= 1")
+        if not 0.0 <= self.overhead < 1.0:
+            raise ConfigError(f"plan.overhead must be in [0, 1), got {self.overhead}")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,10 @@ From the fingerprint (:mod:`segmenter.planning.fingerprint`) and the config's ``
   and kernels then follow :func:`segmenter.nn.network.plan_topology` (short and coarse axes pool
   less);
 - **batch size**: ``plan.batch_size``;
+- **width** (only with ``plan.minutes``, the training budget): ``segmenter plan`` times a
+  training step of each width of ``plan.widths`` on this machine
+  (:mod:`segmenter.training.speed`) and :func:`choose_width` keeps the widest that trains
+  ``plan.min_steps`` steps in the budget; the plan records the timings and why;
 - **normalisation** per channel from ``dataset.json``'s channel names: ``CT`` channels are
   clipped to the fingerprint's 0.5 and 99.5 percentiles (medians over cases, inside the
   nonzero mask) and z-scored with the fingerprint's median mean and standard deviation;
@@ -39,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from segmenter.config import Config, ModelConfig
+from segmenter.config import Config, ModelConfig, PlanConfig
 from segmenter.errors import InputError
 from segmenter.planning.topology import MIN_FEATURE_MAP_SIZE, plan_topology
 from segmenter.preprocessing.resampling import is_anisotropic, new_shape, target_spacing
@@ -148,6 +152,54 @@ def make_dataset_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any
     }
 
 
+def steps_in_budget(seconds_per_step: float, minutes: float, overhead: float) -> int:
+    """Training steps a budget of ``minutes`` allows at ``seconds_per_step`` (``overhead`` of
+    the budget goes to start-up, data and validation)."""
+    if seconds_per_step <= 0:
+        raise ValueError(f"seconds_per_step must be > 0, got {seconds_per_step}")
+    return int(minutes * 60.0 * (1.0 - overhead) / seconds_per_step)
+
+
+def choose_width(timings: Sequence[tuple[int, float]], cfg: PlanConfig) -> dict[str, Any]:
+    """The widest measured network that trains ``plan.min_steps`` steps in ``plan.minutes``.
+
+    Args:
+        timings: ``(base_filters, seconds per step)`` measured on this machine, any order.
+        cfg: the ``plan`` section (``minutes`` set).
+
+    Returns:
+        ``base_filters`` (the narrowest measured width when none reaches ``min_steps``: the
+        budget is then too short for any of them, and the fastest trains the most), ``why``
+        (one sentence) and ``candidates`` (width, seconds per step, steps in the budget).
+
+    Raises:
+        ValueError: no timings, or ``plan.minutes`` is not set.
+    """
+    if not timings:
+        raise ValueError("choose_width needs at least one timing")
+    if cfg.minutes is None:
+        raise ValueError("choose_width needs plan.minutes")
+    rows = [
+        {"base_filters": int(w), "seconds_per_step": float(sec),
+         "steps_in_budget": steps_in_budget(sec, cfg.minutes, cfg.overhead)}
+        for w, sec in sorted(timings)
+    ]  # fmt: skip
+    enough = [r for r in rows if r["steps_in_budget"] >= cfg.min_steps]
+    if enough:
+        chosen = enough[-1]
+        why = (
+            f"the widest network that trains at least {cfg.min_steps} steps in {cfg.minutes:g} "
+            f"min here ({chosen['steps_in_budget']} steps at {chosen['seconds_per_step']:.2f} s)"
+        )
+    else:
+        chosen = rows[0]
+        why = (
+            f"no width trains {cfg.min_steps} steps in {cfg.minutes:g} min here; the narrowest "
+            f"trains the most ({chosen['steps_in_budget']} steps)"
+        )
+    return {"base_filters": chosen["base_filters"], "why": why, "candidates": rows}
+
+
 #: The plan's entries a config takes over, and the config key each sets.
 DATASET_PLAN_KEYS = {
     "patch_size": "data.patch_size",
@@ -177,6 +229,12 @@ def read_dataset_plan(path: str | Path) -> dict[str, Any]:
     return plan
 
 
+#: Entries a plan holds only when it was made for a budget (``plan.minutes``).
+OPTIONAL_PLAN_KEYS = {"base_filters": "model.base_filters", "max_filters": "model.max_filters"}
+
+
 def dataset_plan_values(plan: dict[str, Any]) -> dict[str, Any]:
     """Config values (dotted keys) that make an experiment follow ``plan``."""
-    return {key: plan[name] for name, key in DATASET_PLAN_KEYS.items()}
+    values = {key: plan[name] for name, key in DATASET_PLAN_KEYS.items()}
+    values.update({key: plan[name] for name, key in OPTIONAL_PLAN_KEYS.items() if name in plan})
+    return values

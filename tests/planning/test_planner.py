@@ -6,23 +6,27 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from segmenter.cli import main
-from segmenter.config import load_config
+from segmenter.config import PlanConfig, load_config
 from segmenter.data.layout import load_dataset
 from segmenter.data.synthetic import PhantomSpec, write_dataset
 from segmenter.errors import InputError
 from segmenter.planning.fingerprint import dataset_fingerprint
 from segmenter.planning.planner import (
+    choose_width,
     make_dataset_plan,
     normalisation,
     patch_and_depth,
     read_dataset_plan,
+    steps_in_budget,
 )
 from segmenter.planning.run_plan import RunPlan
 from segmenter.preprocessing.case import preprocess_case
@@ -167,3 +171,78 @@ def test_a_bad_plan_file_is_refused_with_one_line(tmp_path: Path) -> None:
     path.write_text("{}")
     with pytest.raises(InputError, match="not a plan.json"):
         read_dataset_plan(path)
+
+
+def _plan_section(**values: object) -> PlanConfig:
+    return replace(load_config(None, []).plan, **values)
+
+
+def test_choose_width_keeps_the_widest_that_trains_enough_steps() -> None:
+    plan = _plan_section(minutes=15.0, min_steps=1000, overhead=0.1)
+    # 15 min x 0.9 = 810 s: 8 filters 0.57 s -> 1421 steps, 16 filters 1.57 s -> 515 steps
+    assert steps_in_budget(0.57, 15.0, 0.1) == 1421
+    choice = choose_width([(16, 1.57), (8, 0.57)], plan)
+    assert choice["base_filters"] == 8
+    assert [c["base_filters"] for c in choice["candidates"]] == [8, 16]
+    assert [c["steps_in_budget"] for c in choice["candidates"]] == [1421, 515]
+    assert "widest network that trains at least 1000 steps in 15 min" in choice["why"]
+    fast = choose_width([(8, 0.1), (16, 0.2), (32, 0.5)], plan)  # a GPU-like machine
+    assert fast["base_filters"] == 32
+
+
+def test_choose_width_falls_back_to_the_narrowest_when_none_reaches_the_steps() -> None:
+    choice = choose_width([(16, 3.1), (8, 1.2)], _plan_section(minutes=5.0, min_steps=1000))
+    assert choice["base_filters"] == 8
+    assert choice["why"].startswith("no width trains 1000 steps in 5 min here")
+    with pytest.raises(ValueError, match="plan.minutes"):
+        choose_width([(8, 1.0)], _plan_section(minutes=None))
+    with pytest.raises(ValueError, match="at least one timing"):
+        choose_width([], _plan_section(minutes=5.0))
+
+
+def test_plan_for_a_budget_times_the_widths_here_and_train_takes_the_width(
+    dataset: Path,
+    tiny_config: Callable[..., Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "p"
+    argv = ["plan", str(dataset), "--out", str(out), "--minutes", "30",
+            "--set", "plan.cpu_patch_voxels=32768", "--set", "plan.widths=[2, 4, 8]",
+            "--set", "plan.min_steps=200", "--set", "train.threads=2",
+            "--set", "train.precision=fp32"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    plan = json.loads((out / "plan.json").read_text())
+    choice = plan["width_choice"]
+    timed = [c["base_filters"] for c in choice["candidates"]]
+    assert timed[:2] == [2, 4] and all(c["seconds_per_step"] > 0 for c in choice["candidates"])
+    assert choice["minutes"] == 30.0 and choice["min_steps"] == 200
+    assert plan["base_filters"] in timed
+    enough = [c for c in choice["candidates"] if c["steps_in_budget"] >= 200]
+    expected = enough[-1] if enough else choice["candidates"][0]
+    assert plan["base_filters"] == expected["base_filters"]
+    assert f"base filters {plan['base_filters']}:" in printed
+    assert "2 base filters:" in printed and "s per step" in printed
+    config = tiny_config(tmp_path / "c.yaml", dataset, ONE_STEP)
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(config), "--plan", str(out / "plan.json"), "--out", str(run)]
+    assert main(argv) == 0
+    trained = load_config(run / "config.yaml").model
+    assert trained.base_filters == plan["base_filters"]
+    assert trained.max_filters == plan["max_filters"]
+    assert plan["max_filters"] == 256  # the planning config's cap (the default's)
+
+
+def test_width_timing_stops_at_the_first_width_too_slow_for_the_budget(
+    tiny_config_file: Path,
+) -> None:
+    from segmenter.training.speed import measure_step, time_widths
+
+    cfg = load_config(tiny_config_file, ["plan.minutes=0.001", "plan.widths=[4, 8]"])
+    rng = torch.get_rng_state()
+    timings = time_widths(cfg, 2)
+    assert [t.base_filters for t in timings] == [4]  # 0.06 s of budget: 4 already too slow
+    assert torch.equal(torch.get_rng_state(), rng)  # the global random state is untouched
+    one = measure_step(cfg, 2, steps=2, warmup=0)
+    assert one.timed_steps == 2 and one.seconds_per_step > 0
