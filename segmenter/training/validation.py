@@ -99,8 +99,9 @@ def tune_threshold(
     cfg: Config,
     grid: Sequence[float] = THRESHOLD_GRID,
 ) -> tuple[float, list[dict[str, float]]]:
-    """The threshold with the best mean of pooled lesion F1 and voxel Dice (ties: nearer 0.5),
-    at the config's minimum lesion size (:func:`segmenter.evaluation.tuning.grid_search`).
+    """The threshold with the best harmonic mean of pooled lesion F1 and voxel Dice (ties:
+    nearer 0.5), at the config's minimum lesion size
+    (:func:`segmenter.evaluation.tuning.grid_search`).
 
     Args:
         probabilities: per case ``(X, Y, Z)`` foreground probabilities.
@@ -136,7 +137,7 @@ def plan_with_tuned_threshold(
         default["f1"], default["dice"],
     )  # fmt: skip
     tuning_record = {
-        "criterion": "mean of pooled lesion F1 and mean voxel Dice",
+        "criterion": tuning.CRITERION,
         "tta": False,
         "rows": rows,
     }
