@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tiny import load_script
 
 from segmenter.cli import main
 from segmenter.config import load_config
@@ -68,6 +69,15 @@ def test_compare_two_variants_then_rerun_skips_both(
     assert all(a >= b for a, b in zip(recalls, recalls[1:], strict=False))
     with open(out / "comparison.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 4
+    # scripts/postprocess_table.py re-scores the kept probability maps at other minimum sizes
+    table = load_script("postprocess_table")
+    assert table.main([str(out), "--sizes", "0", "1e9", "--threshold", "0.5"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    expected = [(v, size) for v in ("bce", "dice") for size in ("0", "1e+09")]
+    assert [(r[0], r[1]) for r in lines] == expected
+    assert all(r[2] == "0.50" and r[-1] == "2" for r in lines)  # threshold, cases
+    assert all(r[4] == "0.000" and r[7] == "0.00" for r in lines if r[1] == "1e+09")  # all removed
+    assert table.main([str(tmp_path)]) == 2  # not a compare folder
 
 
 def test_variants_are_checked_before_training(setup: tuple[Path, Path], tmp_path: Path) -> None:
