@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from segmenter import __version__
 from segmenter.config import PRESET_NAMES
-from segmenter.errors import InputError, Interrupted, PeerLost
+from segmenter.errors import InputError, Interrupted, PeerLost, TrainingFailed
 
 T = TypeVar("T")
 log = logging.getLogger("segmenter")
@@ -293,7 +293,9 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
     from segmenter.workflows import crossval
 
     cfg = _experiment_config(args)
-    result = crossval.run_crossval(cfg, args.out, folds=args.folds, progress=True)
+    result = crossval.run_crossval(
+        cfg, args.out, folds=args.folds, progress=True, devices=args.devices
+    )
     post = result.postprocessing
     print(f"folds {result.folds} (trained now: {result.trained or 'none'}); {post['tuned_on']}")
     print(f"{'post-processing':<34}{'F1':>7}{'recall':>8}{'prec':>7}{'Dice':>7}")
@@ -507,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--plan", help="plan.json from segmenter plan: its patch, batch, depth, target spacing"
     )
     p.add_argument("--folds", type=int, nargs="+", help="fold numbers to run (default: every fold)")
+    p.add_argument(
+        "--devices", nargs="+",
+        help="train folds in parallel, one per device: CUDA indices (0 1 ...) or cpu (repeatable)",
+    )  # fmt: skip
     _add_set(p, "override a config key (repeatable)")
     p.set_defaults(func=_cmd_crossval)
 
@@ -589,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _clear_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except PeerLost as exc:  # data-parallel training lost a rank (died or timed out)
+    except (PeerLost, TrainingFailed) as exc:  # a lost rank; a training process that failed
         _clear_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 1

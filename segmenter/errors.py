@@ -21,6 +21,14 @@ class PeerLost(RuntimeError):
     """
 
 
+class TrainingFailed(RuntimeError):
+    """A training run in a process of its own (``crossval --devices``) exited with an error.
+
+    The message is one line naming the training and its console log; the CLI prints it without a
+    traceback and exits with code 1.
+    """
+
+
 class Interrupted(KeyboardInterrupt):
     """A stop request (SIGINT or SIGTERM) honoured at a safe point, after the progress was saved.
 

@@ -1,7 +1,9 @@
 """``segmenter crossval``: every fold, out-of-fold predictions, tuned post-processing, one summary.
 
 - **train**: each fold K of the config's split (``train.n_folds``, or the folds asked for) into
-  ``OUT/fold_K``; a finished fold is kept, an interrupted one resumes from its ``last.pt``;
+  ``OUT/fold_K``; a finished fold is kept, an interrupted one resumes from its ``last.pt``; with
+  ``devices`` the folds train in parallel processes, one per device
+  (:mod:`segmenter.workflows.parallel`);
 - **predict out of fold**: each fold's model predicts its own validation cases with the run's
   inference settings (mirroring TTA by default) in the scans' native geometry, into
   ``OUT/oof/probabilities``; a rerun reads the maps of folds not retrained since (timings in
@@ -91,21 +93,42 @@ def _chosen_folds(cfg: Config, folds: Sequence[int] | None) -> list[int]:
     return chosen
 
 
-def _train_folds(cfg: Config, out: Path, folds: Sequence[int], progress: bool) -> list[int]:
+def _train_folds(
+    cfg: Config, out: Path, folds: Sequence[int], progress: bool, devices: Sequence[str] | None
+) -> list[int]:
     from segmenter.training import loop
 
-    trained = []
+    todo = []
     for k in folds:
-        run = fold_dir(out, k)
-        if (run / DONE_FILE).is_file():
+        if (fold_dir(out, k) / DONE_FILE).is_file():
             log.info("fold %d: finished before, kept", k)
-            continue
+        else:
+            todo.append(k)
+    if devices:
+        _train_in_parallel(cfg, out, todo, devices)
+        return todo
+    for k in todo:
+        run = fold_dir(out, k)
         resume = (run / "checkpoints" / "last.pt").is_file()
         result = loop.fit(cfg, run, fold=k, resume=resume, progress=progress)
         done = {"epochs": result.epochs, "steps": result.steps, "minutes": result.seconds / 60}
         write_text(run / DONE_FILE, json.dumps(done, indent=2))
-        trained.append(k)
-    return trained
+    return todo
+
+
+def _train_in_parallel(
+    cfg: Config, out: Path, folds: Sequence[int], devices: Sequence[str]
+) -> None:
+    """The folds as separate ``train`` processes, one per device at a time
+    (:mod:`segmenter.workflows.parallel`); ``OUT/config.yaml`` is the config they read."""
+    from segmenter.workflows import parallel
+
+    tasks = [parallel.TrainingTask(out / "config.yaml", k, fold_dir(out, k)) for k in folds]
+    log.info("training folds %s on devices %s", list(folds), list(devices))
+    threads_set = cfg.train.threads is not None
+    for r in parallel.run_parallel(tasks, devices, threads_set=threads_set):
+        done = {"epochs": r.epochs, "steps": r.steps, "minutes": r.minutes}
+        write_text(r.task.run / DONE_FILE, json.dumps(done, indent=2))
 
 
 def _fold_probability(
@@ -224,6 +247,7 @@ def run_crossval(
     progress: bool = True,
     thresholds: Sequence[float] = tuning.THRESHOLDS,
     min_sizes_mm3: Sequence[float] | None = None,
+    devices: Sequence[str] | None = None,
 ) -> CrossvalResult:
     """Train the folds, predict out of fold, tune post-processing, evaluate (module docstring).
 
@@ -235,15 +259,21 @@ def run_crossval(
         thresholds: thresholds tried by the tuning.
         min_sizes_mm3: minimum lesion sizes tried by the tuning; None:
             :func:`segmenter.evaluation.tuning.min_size_grid` of the out-of-fold references.
+        devices: train the folds in parallel, one per device (CUDA indices or ``cpu``,
+            :mod:`segmenter.workflows.parallel`); None: one after another in this process.
 
     Raises:
         InputError: a fold number outside the split, or bad data (as ``train``).
     """
     chosen = _chosen_folds(cfg, folds)
+    if devices:
+        from segmenter.workflows.parallel import parse_devices
+
+        devices = parse_devices(devices)
     with FolderLock(out, "crossval"):
         return _run_crossval(
             cfg, Path(out), chosen, progress=progress, thresholds=thresholds,
-            min_sizes_mm3=min_sizes_mm3,
+            min_sizes_mm3=min_sizes_mm3, devices=devices,
         )  # fmt: skip
 
 
@@ -255,10 +285,11 @@ def _run_crossval(
     progress: bool,
     thresholds: Sequence[float],
     min_sizes_mm3: Sequence[float] | None,
+    devices: Sequence[str] | None,
 ) -> CrossvalResult:
     _remove_stale(folder)
     save_config(cfg, folder / "config.yaml")
-    trained = _train_folds(cfg, folder, chosen, progress)
+    trained = _train_folds(cfg, folder, chosen, progress, devices)
     oof = predict_out_of_fold(cfg, folder, chosen)
     post = tune_postprocessing(
         cfg, oof, tuned_on=f"out-of-fold predictions of folds {chosen} ({len(oof.files)} cases)",

@@ -147,3 +147,59 @@ def test_predict_with_the_crossval_folder_averages_the_folds(
             "--output", str(tmp_path / "two"), "--no-tta"]  # fmt: skip
     assert main(argv) == 0
     assert "(2 models)" in capsys.readouterr().out
+
+
+def test_devices_train_the_folds_in_parallel_processes_with_the_same_result(
+    crossval_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --devices cpu cpu: each fold a `segmenter train` process of its own, two at a time; the
+    # config fixes train.threads, so every fold trains as the sequential run did, bit for bit.
+    import torch
+
+    from segmenter.workflows.crossval import DONE_FILE
+
+    _, sequential = crossval_run
+    out = tmp_path / "par"
+    argv = ["crossval", "--config", str(sequential / "config.yaml"), "--out", str(out),
+            "--devices", "cpu", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert "trained now: [0, 1, 2]" in capsys.readouterr().out
+    for k in range(3):
+        a = torch.load(sequential / f"fold_{k}" / "checkpoints" / "last.pt", weights_only=True)
+        b = torch.load(out / f"fold_{k}" / "checkpoints" / "last.pt", weights_only=True)
+        assert a["step"] == b["step"]
+        assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+        done = json.loads((out / f"fold_{k}" / DONE_FILE).read_text())
+        assert done["steps"] == a["step"] and done["epochs"] == a["epoch"]
+        assert "fold " in (out / f"fold_{k}.console.log").read_text()
+    before = json.loads((sequential / "postprocessing.json").read_text())
+    after = json.loads((out / "postprocessing.json").read_text())
+    assert (after["threshold"], after["min_lesion_mm3"]) == (
+        before["threshold"], before["min_lesion_mm3"],
+    )  # fmt: skip
+    assert main(argv) == 0  # a rerun keeps every finished fold
+    assert "trained now: none" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("devices", "message"),
+    [(["gpu"], "'gpu' is neither a CUDA index nor cpu"), (["0"], "CUDA device 0 not present")],
+)
+def test_bad_devices_exit_2_before_anything_runs(
+    crossval_run: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    devices: list[str],
+    message: str,
+) -> None:
+    import torch
+
+    if devices == ["0"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    _, sequential = crossval_run
+    out = tmp_path / "bad"
+    argv = ["crossval", "--config", str(sequential / "config.yaml"), "--out", str(out),
+            "--devices", *devices]  # fmt: skip
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
