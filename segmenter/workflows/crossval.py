@@ -94,7 +94,7 @@ def _chosen_folds(cfg: Config, folds: Sequence[int] | None) -> list[int]:
 
 
 def _train_folds(
-    cfg: Config, out: Path, folds: Sequence[int], progress: bool, devices: Sequence[str] | None
+    cfg: Config, out: Path, folds: Sequence[int], *, progress: bool, devices: Sequence[str] | None
 ) -> list[int]:
     from segmenter.training import loop
 
@@ -289,7 +289,7 @@ def _run_crossval(
 ) -> CrossvalResult:
     _remove_stale(folder)
     save_config(cfg, folder / "config.yaml")
-    trained = _train_folds(cfg, folder, chosen, progress, devices)
+    trained = _train_folds(cfg, folder, chosen, progress=progress, devices=devices)
     oof = predict_out_of_fold(cfg, folder, chosen)
     post = tune_postprocessing(
         cfg, oof, tuned_on=f"out-of-fold predictions of folds {chosen} ({len(oof.files)} cases)",
