@@ -323,7 +323,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     variants = load_variants(args.variants, base)
     results = compare(
         base, variants, args.out, minutes=args.minutes, folds=args.folds, seeds=args.seeds,
-        reference=args.reference, progress=True,
+        reference=args.reference, devices=args.devices, progress=True,
         variant_progress=_progress("compare", unit="run"),
     )  # fmt: skip
     print(
@@ -533,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference", help="variant the others are compared with case by case (default: first)"
     )
+    p.add_argument(
+        "--devices", nargs="+",
+        help="train the runs in parallel first, one per device: CUDA indices (0 1 ...) or cpu",
+    )  # fmt: skip
     _add_set(p, "override a key of the base config (repeatable)")
     p.set_defaults(func=_cmd_compare)
 

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,10 @@ def replicates(
     return [Replicate(f, s) for f in fold_list for s in seed_list]
 
 
+#: A replicate's training is finished: its epochs, steps and minutes.
+TRAINED_FILE = "trained.json"
+
+
 def _summary_path(folder: Path) -> Path:
     return folder / "evaluation" / "summary.json"
 
@@ -190,8 +194,15 @@ def run_variant(
     from segmenter.training import loop
 
     run = folder / "run"
-    resume = (run / "checkpoints" / "last.pt").is_file()
-    result = loop.fit(cfg, run, fold=replicate.fold, resume=resume, progress=progress)
+    trained = folder / TRAINED_FILE
+    if trained.is_file():  # trained before (e.g. by compare --devices): predict and score only
+        training = json.loads(trained.read_text())
+    else:
+        resume = (run / "checkpoints" / "last.pt").is_file()
+        result = loop.fit(cfg, run, fold=replicate.fold, resume=resume, progress=progress)
+        training = {"minutes": result.seconds / 60.0, "epochs": result.epochs,
+                    "steps": result.steps}  # fmt: skip
+        write_text(trained, json.dumps(training, indent=2))
     dataset = load_dataset(resolve_dataset(cfg))
     cases, held_out = held_out_cases(dataset, run, replicate.fold)
     predictor = load_predictor(run)
@@ -213,9 +224,7 @@ def run_variant(
     )  # fmt: skip
     summary["held_out"] = held_out
     summary["replicate"] = {"fold": replicate.fold, "seed": replicate.seed}
-    summary["training"] = {
-        "minutes": result.seconds / 60.0, "epochs": result.epochs, "steps": result.steps,
-    }  # fmt: skip
+    summary["training"] = training
     save_config(cfg, folder / "config.yaml")
     text = summary_json(summary)
     write_text(done, text)
@@ -416,6 +425,36 @@ def _csv_text(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _train_in_parallel(
+    base: Config,
+    pairs: Sequence[tuple[Variant, Replicate]],
+    out: Path,
+    *,
+    minutes: float | None,
+    devices: Sequence[str],
+) -> None:
+    """Train every replicate not trained yet as its own ``train`` process, one per device;
+    each writes its ``trained.json``, so :func:`run_variant` then only predicts and scores."""
+    from segmenter.workflows import parallel
+
+    tasks, configs = [], []
+    for variant, rep in pairs:
+        cfg = variant_config(base, variant, minutes, rep.seed)
+        folder = replicate_folder(out, variant, Replicate(rep.fold, cfg.train.seed))
+        if _summary_path(folder).is_file() or (folder / TRAINED_FILE).is_file():
+            continue
+        save_config(cfg, folder / "config.yaml")
+        tasks.append(parallel.TrainingTask(folder / "config.yaml", rep.fold, folder / "run"))
+        configs.append(cfg)
+    if not tasks:
+        return
+    threads_set = all(c.train.threads is not None for c in configs)
+    log.info("training %d replicate(s) on devices %s", len(tasks), list(devices))
+    for r in parallel.run_parallel(tasks, devices, threads_set=threads_set):
+        training = {"minutes": r.minutes, "epochs": r.epochs, "steps": r.steps}
+        write_text(r.task.run.parent / TRAINED_FILE, json.dumps(training, indent=2))
+
+
 def compare(
     base: Config,
     variants: list[Variant],
@@ -425,6 +464,7 @@ def compare(
     folds: Iterable[int] | None = None,
     seeds: Iterable[int] | None = None,
     reference: str | None = None,
+    devices: Sequence[str] | None = None,
     progress: bool = True,
     variant_progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
 ) -> list[VariantResult]:
@@ -439,6 +479,9 @@ def compare(
         folds: folds of the base config's split to train and score (default: fold 0).
         seeds: training seeds (default: ``train.seed``); the split stays the base config's.
         reference: the variant the others are compared with, case by case (default: the first).
+        devices: train the replicates first, in parallel processes, one per device (CUDA
+            indices or ``cpu``, :mod:`segmenter.workflows.parallel`); prediction and scoring
+            then follow one after another. None: each replicate in turn in this process.
         progress: training progress bars.
         variant_progress: optional wrapper drawing a bar over the (variant, replicate) runs.
 
@@ -455,12 +498,19 @@ def compare(
     reference = names[0] if reference is None else reference
     if reference not in names:
         raise InputError(f"compare: reference variant '{reference}' is not one of {names}")
-    runs: Iterable[tuple[Variant, Replicate]] = [(v, rep) for v in variants for rep in reps]
+    pairs = [(v, rep) for v in variants for rep in reps]
+    runs: Iterable[tuple[Variant, Replicate]] = pairs
+    if devices:
+        from segmenter.workflows.parallel import parse_devices
+
+        devices = parse_devices(devices)
     if variant_progress is not None:
         runs = variant_progress(runs, len(variants) * len(reps))
     with FolderLock(folder, "compare"):
         save_config(base, folder / "base_config.yaml")
         start = time.perf_counter()
+        if devices:
+            _train_in_parallel(base, pairs, folder, minutes=minutes, devices=devices)
         results = [
             run_variant(base, v, folder, minutes=minutes, progress=progress, replicate=rep)
             for v, rep in runs

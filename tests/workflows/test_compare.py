@@ -216,3 +216,30 @@ def test_seeds_are_refused_when_a_variant_sets_its_own_seed(
         replicates(cfg, found, None, [1, 2])
     # without --seeds each variant keeps its own seed
     assert replicates(cfg, found, [0, 1], None) == [Replicate(0, None), Replicate(1, None)]
+
+
+def test_devices_train_the_replicates_in_parallel_with_the_sequential_result(
+    setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    base, variants = setup
+    argv = ["compare", "--config", str(base), "--variants", str(variants)]
+    assert main([*argv, "--out", str(tmp_path / "seq")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "par"), "--devices", "cpu", "cpu"]) == 0
+    assert capsys.readouterr().out.count(" trained") == 4
+    for name in ("dice", "bce"):
+        seq = tmp_path / "seq" / "variants" / name / "fold0_seed0"
+        par = tmp_path / "par" / "variants" / name / "fold0_seed0"
+        a = torch.load(seq / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+        b = torch.load(par / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)  # train.threads fixed: bit for bit
+        assert (par / "run.console.log").is_file()
+        assert json.loads((par / "trained.json").read_text())["steps"] == 2
+        summary = json.loads((par / "evaluation" / "summary.json").read_text())
+        assert summary["training"]["steps"] == 2
+    with open(tmp_path / "seq" / "comparison.csv", newline="") as f:
+        seq_rows = [{k: v for k, v in r.items() if k != "train_minutes"} for r in csv.DictReader(f)]
+    with open(tmp_path / "par" / "comparison.csv", newline="") as f:
+        par_rows = [{k: v for k, v in r.items() if k != "train_minutes"} for r in csv.DictReader(f)]
+    assert par_rows == seq_rows
