@@ -46,6 +46,12 @@ class StepTiming:
     timed_steps: int
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously), so a timer sees all of it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure_step(
     cfg: Config, in_channels: int, *, steps: int = 3, warmup: int = 1, seed: int = 0
 ) -> StepTiming:
@@ -83,16 +89,19 @@ def measure_step(
             spacing=None if spacing is None else (spacing[0], spacing[1], spacing[2]),
         ).place(device)  # fmt: skip
         model.train()
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
         step = TrainStep(
             cfg=cfg, model=model, loss_fn=build_loss(cfg.loss),
-            optimizer=build_optimizer(t, model), device=device, dtype=dtype,
+            optimizer=build_optimizer(t, model), device=device, dtype=dtype, scaler=scaler,
         )  # fmt: skip
         for _ in range(warmup):
             step(batch)
         seconds = []
         for _ in range(max(steps, 1)):
+            _synchronize(device)
             start = time.perf_counter()
             step(batch)
+            _synchronize(device)
             seconds.append(time.perf_counter() - start)
     return StepTiming(cfg.model.base_filters, statistics.median(seconds), len(seconds))
 
