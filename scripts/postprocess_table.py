@@ -9,6 +9,9 @@ mean voxel Dice over cases, pooled lesion recall, precision and F1, and false-po
 per case under the base config's lesion rule (`evaluation.preset`).
 
     python scripts/postprocess_table.py runs/exp_brats_width --sizes 0 10 50 100 500
+
+With `--reference NAME` it also pairs every variant with that one case by case at each size
+(mean difference, bootstrap interval, sign-flip p-value: `segmenter.workflows.compare_stats`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from segmenter.config import load_config
 from segmenter.evaluation import metrics, tuning
 from segmenter.inference.predict import PROBABILITY_FOLDER
 from segmenter.io import read_image
+from segmenter.workflows.compare_stats import statistics_lines, variant_statistics
 
 
 def _replicates(folder: Path) -> dict[str, list[Path]]:
@@ -47,11 +51,32 @@ def _load(rep: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[flo
     return probs, refs, spacings
 
 
+def _case_rows(
+    name: str, rep: Path, masks: list[np.ndarray], refs: list[np.ndarray], spacings: list, rule
+) -> list[dict[str, object]]:
+    """compare_stats rows (one per case) of one replicate's masks."""
+    summary = json.loads((rep / "evaluation" / "summary.json").read_text())
+    fold, seed = summary["replicate"]["fold"], summary["replicate"]["seed"]
+    rows = []
+    for i, (m, r, sp) in enumerate(zip(masks, refs, spacings, strict=True)):
+        c = metrics.lesion_metrics(m, r, sp, rule=rule).summary
+        denom = 2 * c["tp"] + c["fp"] + c["fn"]
+        rows.append({
+            "variant": name, "fold": fold, "seed": seed, "case_id": str(i),
+            "dice": metrics.dice(m, r), "lesion_f1": 2 * c["tp"] / denom if denom else math.nan,
+            "tp": c["tp"], "fp": c["fp"], "fn": c["fn"],
+        })  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path, help="a segmenter compare output folder")
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.0, 10.0, 50.0, 100.0, 500.0])
     ap.add_argument("--threshold", type=float, help="instead of each run's own threshold")
+    ap.add_argument(
+        "--reference", help="variant to pair the others with, case by case, at each size"
+    )
     args = ap.parse_args(argv)
     base = args.folder / "base_config.yaml"
     if not base.is_file():
@@ -62,17 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lesion rule {cfg.evaluation.preset}; sizes in mm3")
     print(f"{'variant':<12} {'min':>6} {'thr':>5} {'Dice':>6} {'recall':>7} {'prec':>6} "
           f"{'F1':>6} {'FP/case':>8} {'cases':>5}")  # fmt: skip
+    case_rows: dict[float, list[dict[str, object]]] = {size: [] for size in args.sizes}
     for name, reps in _replicates(args.folder).items():
         loaded = []
         for rep in reps:
             plan = json.loads((rep / "run" / "plan.json").read_text())
             thr = args.threshold if args.threshold is not None else float(plan["threshold"])
-            loaded.append((thr, *_load(rep)))
+            loaded.append((thr, rep, *_load(rep)))
         for size in args.sizes:
             dices, n = [], 0
             total = dict.fromkeys(("tp", "fp", "fn", "tp_pred", "n_pred"), 0)
-            for thr, probs, refs, spacings in loaded:
+            for thr, rep, probs, refs, spacings in loaded:
                 masks = tuning.masks_at(probs, spacings, thr, size)
+                if args.reference:
+                    case_rows[size] += _case_rows(name, rep, masks, refs, spacings, rule)
                 for key, value in tuning.lesion_counts(masks, refs, spacings, rule).items():
                     total[key] += value
                 dices += [metrics.dice(m, r) for m, r in zip(masks, refs, strict=True)]
@@ -86,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             thr_text = "/".join(sorted({f"{t:.2f}" for t, *_ in loaded}))
             print(f"{name:<12} {size:>6g} {thr_text:>5} {dice:>6.3f} {recall:>7.3f} {prec:>6.3f} "
                   f"{f1:>6.3f} {fp / n if n else math.nan:>8.2f} {n:>5}")  # fmt: skip
+    if args.reference:
+        for size, rows in case_rows.items():
+            print(f"paired with {args.reference}, min {size:g} mm3 (per case):")
+            for line in statistics_lines(variant_statistics(rows, args.reference)):
+                print("  " + line)
     return 0
 
 

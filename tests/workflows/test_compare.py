@@ -78,6 +78,9 @@ def test_compare_two_variants_then_rerun_skips_both(
     assert all(r[2] == "0.50" and r[-1] == "2" for r in lines)  # threshold, cases
     assert all(r[4] == "0.000" and r[7] == "0.00" for r in lines if r[1] == "1e+09")  # all removed
     assert table.main([str(tmp_path)]) == 2  # not a compare folder
+    assert table.main([str(out), "--sizes", "0", "--threshold", "0.5", "--reference", "dice"]) == 0
+    paired = capsys.readouterr().out
+    assert "paired with dice, min 0 mm3 (per case):" in paired and "over 2" in paired
 
 
 def test_variants_are_checked_before_training(setup: tuple[Path, Path], tmp_path: Path) -> None:
