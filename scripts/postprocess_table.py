@@ -39,8 +39,10 @@ def _replicates(folder: Path) -> dict[str, list[Path]]:
     return by_variant
 
 
-def _load(rep: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[float, ...]]]:
-    probs, refs, spacings = [], [], []
+def _load(
+    rep: Path,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[float, ...]], list[str]]:
+    probs, refs, spacings, names = [], [], [], []
     for prob_path in sorted((rep / "predictions" / PROBABILITY_FOLDER).glob("*.nii.gz")):
         ref_path = rep / "reference" / prob_path.name
         if ref_path.is_file():
@@ -48,21 +50,23 @@ def _load(rep: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple[flo
             probs.append(prob.array)
             refs.append(read_image(ref_path).array > 0)
             spacings.append(tuple(prob.spacing))
-    return probs, refs, spacings
+            names.append(prob_path.name)
+    return probs, refs, spacings, names
 
 
 def _case_rows(
-    name: str, rep: Path, masks: list[np.ndarray], refs: list[np.ndarray], spacings: list, rule
+    name: str, rep: Path, masks: list[np.ndarray], loaded: tuple, rule: metrics.LesionRule
 ) -> list[dict[str, object]]:
-    """compare_stats rows (one per case) of one replicate's masks."""
+    """compare_stats rows (one per case, by file name) of one replicate's masks."""
+    _, refs, spacings, names = loaded
     summary = json.loads((rep / "evaluation" / "summary.json").read_text())
     fold, seed = summary["replicate"]["fold"], summary["replicate"]["seed"]
     rows = []
-    for i, (m, r, sp) in enumerate(zip(masks, refs, spacings, strict=True)):
+    for m, r, sp, case in zip(masks, refs, spacings, names, strict=True):
         c = metrics.lesion_metrics(m, r, sp, rule=rule).summary
         denom = 2 * c["tp"] + c["fp"] + c["fn"]
         rows.append({
-            "variant": name, "fold": fold, "seed": seed, "case_id": str(i),
+            "variant": name, "fold": fold, "seed": seed, "case_id": case,
             "dice": metrics.dice(m, r), "lesion_f1": 2 * c["tp"] / denom if denom else math.nan,
             "tp": c["tp"], "fp": c["fp"], "fn": c["fn"],
         })  # fmt: skip
@@ -97,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             dices, n = [], 0
             total = dict.fromkeys(("tp", "fp", "fn", "tp_pred", "n_pred"), 0)
-            for thr, rep, probs, refs, spacings in loaded:
+            for thr, rep, *data in loaded:
+                probs, refs, spacings, _ = data
                 masks = tuning.masks_at(probs, spacings, thr, size)
                 if args.reference:
-                    case_rows[size] += _case_rows(name, rep, masks, refs, spacings, rule)
+                    case_rows[size] += _case_rows(name, rep, masks, tuple(data), rule)
                 for key, value in tuning.lesion_counts(masks, refs, spacings, rule).items():
                     total[key] += value
                 dices += [metrics.dice(m, r) for m, r in zip(masks, refs, strict=True)]
