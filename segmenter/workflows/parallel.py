@@ -169,6 +169,7 @@ def run_parallel(
                 free.append(slot)
                 if code != 0 and not stop.requested:
                     failed.append((task, code))
+                    waiting.clear()  # start no more; the running ones finish
     if stop.requested:
         raise Interrupted(
             f"stopped by {stop.name}: the trainings saved their progress",

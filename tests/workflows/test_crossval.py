@@ -207,3 +207,16 @@ def test_bad_devices_exit_2_before_anything_runs(
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_failed_fold_process_starts_no_more_and_is_named_in_one_line(
+    tiny_config: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tiny_config(tmp_path / "c.yaml", tmp_path / "no_such_dataset")
+    out = tmp_path / "cv"
+    argv = ["crossval", "--config", str(config), "--out", str(out), "--devices", "cpu"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "training of fold 0 into" in err and "failed (exit 2)" in err
+    assert "not found" in (out / "fold_0.console.log").read_text()
+    assert not (out / "fold_1.console.log").exists()  # one device: fold 1 never started
