@@ -762,7 +762,9 @@ def _finish(session: _Session, state: TrainState, best_probs: list[np.ndarray] |
     if not session.dist.chief:
         return
     checkpoints = session.run / "checkpoints"
-    if state.best_epoch < 0:  # no validation ever scored (e.g. no lesions anywhere): keep last
+    # no validation ever scored (e.g. no lesions anywhere), or none asked for (then a best.pt
+    # from an earlier validating run that this one resumed is replaced too): keep last
+    if state.best_epoch < 0 or not session.val_cases:
         save_checkpoint(checkpoints / "best.pt", load_checkpoint(checkpoints / "last.pt"))
     if not (session.cfg.train.tune_threshold and session.val_cases and state.best_epoch >= 0):
         return

@@ -265,3 +265,22 @@ def test_no_validation_in_a_fold_and_held_out_refused_for_fold_all(
     assert main(argv) == 2
     assert "train.validation: held_out needs a fold number" in capsys.readouterr().err
     assert not refused.exists()
+
+
+def test_resuming_a_validating_run_without_validation_keeps_the_last_checkpoint(
+    tiny_config_file: Path, tmp_path: Path
+) -> None:
+    # An older --fold all run validated on its training cases and saved a best.pt; resumed
+    # under validation none, best.pt must become the last checkpoint, not stay the old one.
+    run = tmp_path / "all"
+    base = ["train", "--config", str(tiny_config_file), "--fold", "all", "--out", str(run)]
+    assert main([*base, "--set", "train.validation=training"]) == 0
+    assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["step"] == 2
+    saved = run / "config.yaml"  # as an older version wrote it: no train.validation key
+    saved.write_text(saved.read_text().replace("  validation: training\n", ""))
+    config = tmp_path / "old.yaml"
+    config.write_text(saved.read_text())
+    again = ["train", "--config", str(config), "--fold", "all", "--out", str(run), "--resume"]
+    assert main([*again, "--set", "train.epochs=2"]) == 0
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["step"] == 4
