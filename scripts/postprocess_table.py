@@ -54,25 +54,6 @@ def _load(
     return probs, refs, spacings, names
 
 
-def _case_rows(
-    name: str, rep: Path, masks: list[np.ndarray], loaded: tuple, rule: metrics.LesionRule
-) -> list[dict[str, object]]:
-    """compare_stats rows (one per case, by file name) of one replicate's masks."""
-    _, refs, spacings, names = loaded
-    summary = json.loads((rep / "evaluation" / "summary.json").read_text())
-    fold, seed = summary["replicate"]["fold"], summary["replicate"]["seed"]
-    rows = []
-    for m, r, sp, case in zip(masks, refs, spacings, names, strict=True):
-        c = metrics.lesion_metrics(m, r, sp, rule=rule).summary
-        denom = 2 * c["tp"] + c["fp"] + c["fn"]
-        rows.append({
-            "variant": name, "fold": fold, "seed": seed, "case_id": case,
-            "dice": metrics.dice(m, r), "lesion_f1": 2 * c["tp"] / denom if denom else math.nan,
-            "tp": c["tp"], "fp": c["fp"], "fn": c["fn"],
-        })  # fmt: skip
-    return rows
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path, help="a segmenter compare output folder")
@@ -97,18 +78,26 @@ def main(argv: list[str] | None = None) -> int:
         for rep in reps:
             plan = json.loads((rep / "run" / "plan.json").read_text())
             thr = args.threshold if args.threshold is not None else float(plan["threshold"])
-            loaded.append((thr, rep, *_load(rep)))
+            summary = json.loads((rep / "evaluation" / "summary.json").read_text())
+            loaded.append((thr, summary["replicate"], *_load(rep)))
         for size in args.sizes:
             dices, n = [], 0
             total = dict.fromkeys(("tp", "fp", "fn", "tp_pred", "n_pred"), 0)
-            for thr, rep, *data in loaded:
-                probs, refs, spacings, _ = data
+            for thr, replicate, probs, refs, spacings, names in loaded:
                 masks = tuning.masks_at(probs, spacings, thr, size)
-                if args.reference:
-                    case_rows[size] += _case_rows(name, rep, masks, tuple(data), rule)
-                for key, value in tuning.lesion_counts(masks, refs, spacings, rule).items():
-                    total[key] += value
-                dices += [metrics.dice(m, r) for m, r in zip(masks, refs, strict=True)]
+                for m, r, sp, case in zip(masks, refs, spacings, names, strict=True):
+                    c = metrics.lesion_metrics(m, r, sp, rule=rule).summary  # once per case
+                    for key in total:
+                        total[key] += c[key]
+                    dices.append(metrics.dice(m, r))
+                    if args.reference:
+                        denom = 2 * c["tp"] + c["fp"] + c["fn"]
+                        case_rows[size].append({
+                            "variant": name, "fold": replicate["fold"],
+                            "seed": replicate["seed"], "case_id": case, "dice": dices[-1],
+                            "lesion_f1": 2 * c["tp"] / denom if denom else math.nan,
+                            "tp": c["tp"], "fp": c["fp"], "fn": c["fn"],
+                        })  # fmt: skip
                 n += len(masks)
             tp, fp, fn = total["tp"], total["fp"], total["fn"]
             recall = tp / (tp + fn) if tp + fn else math.nan
