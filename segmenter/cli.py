@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from segmenter import __version__
 from segmenter.config import PRESET_NAMES
@@ -582,61 +582,76 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input or usage, 1 internal error or a
     system failure such as a full disk, 130 interrupted by SIGINT, 143 stopped by SIGTERM:
     ``128 + signal``, as shells report)."""
+    return _run(argv, _returned)
+
+
+def _returned(code: int) -> int:
+    return code
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End this process with ``code`` once its streams are flushed, skipping the teardown."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(argv: Sequence[str] | None, done: Callable[[int], int]) -> int:
+    """:func:`main`, handing its exit code to ``done`` where it is known: inside the handler
+    of an error, before the exception (and the run it stopped) is released."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help/--version exit 0, usage errors exit 2
-        return int(exc.code) if isinstance(exc.code, int) else 2
+        return done(int(exc.code) if isinstance(exc.code, int) else 2)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        return int(args.func(args))
+        return done(int(args.func(args)))
     except InputError as exc:
         _clear_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return done(2)
     except (PeerLost, TrainingFailed) as exc:  # a lost rank; a training process that failed
         _clear_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return done(1)
     except Interrupted as exc:  # a stop signal, honoured at a safe point with the progress saved
         print(f"{exc}{_resume_hint(args, argv, exc.folder)}", file=sys.stderr)
-        return 128 + exc.signum
+        return done(128 + exc.signum)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return done(130)
     except OSError as exc:
         if exc.errno not in _SYSTEM_ERRNOS:
             log.exception("internal error (please report with the command line above)")
-            return 1
+            return done(1)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror}; {_SYSTEM_ERRNOS[exc.errno]}", file=sys.stderr)
-        return 1
+        return done(1)
     except Exception:
         log.exception("internal error (please report with the command line above)")
-        return 1
+        return done(1)
 
 
 def entry() -> None:
     """The console script and ``python -m segmenter``: :func:`main`'s exit code.
 
     A rank of a data-parallel run (torchrun's ``WORLD_SIZE`` over 1) ends with ``os._exit``
-    once its streams are flushed: every file is written (atomically, by rank 0) by then, and
-    a rank whose peer had already exited was once seen hanging at interpreter shutdown
-    (after printing its stop line) in the gloo process group's teardown.
+    as soon as its exit code is known and its streams are flushed, still inside the error
+    handler: every file is written (atomically, by rank 0) by then. Releasing the stopped
+    run (its DDP model and gloo process group, held by the exception's frames) after a peer
+    had exited was seen to hang a rank for minutes after it printed its stop line.
     """
-    code = main()
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+        _run(None, _exit_now)
+    sys.exit(main())
 
 
 if __name__ == "__main__":  # pragma: no cover

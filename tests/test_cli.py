@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,34 @@ def test_a_rank_of_a_data_parallel_run_exits_with_its_code_and_its_output_flushe
                          capture_output=True, text=True, env=env)  # fmt: skip
     assert run.returncode == 2
     assert "/nonexistent/ds: dataset folder not found" in run.stdout + run.stderr
+
+
+#: A rank whose stopped run takes a minute to release (its gloo group after a peer died).
+_SLOW_TEARDOWN = """
+import sys, time
+from pathlib import Path
+import segmenter.cli as cli
+from segmenter.errors import Interrupted
+
+class SlowToRelease:
+    def __del__(self):
+        time.sleep(60)
+
+def stopped_run(args):
+    held = SlowToRelease()  # held by the frame, released with the exception
+    raise Interrupted("stopped by SIGTERM in epoch 2", signum=15, folder=Path("run"))
+
+cli._cmd_verify = stopped_run
+sys.argv = ["segmenter", "verify", "ds"]
+cli.entry()
+"""
+
+
+def test_a_rank_exits_once_it_reported_without_releasing_the_stopped_run() -> None:
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", _SLOW_TEARDOWN], capture_output=True,
+                         text=True, env=env, timeout=50)  # fmt: skip
+    assert time.monotonic() - start < 30, "the rank waited for the stopped run's teardown"
+    assert run.returncode == 143
+    assert "stopped by SIGTERM in epoch 2" in run.stderr
