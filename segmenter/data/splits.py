@@ -7,12 +7,15 @@ fold, ``fold_K`` (:func:`fold_dir`, :func:`fold_runs`).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from segmenter import io
 from segmenter.config import Config
+from segmenter.data.layout import Case
 from segmenter.errors import InputError
 
 FOLD_PREFIX = "fold_"
@@ -62,6 +65,46 @@ def make_splits(
     ]
 
 
+def label_burdens(cases: Sequence[Case]) -> list[float]:
+    """Each case's lesion volume in ml (0 without a label), read from its label file as stored.
+
+    The split is stratified by it rather than by the preprocessed labels, which change with
+    the target spacing and the crop: two settings compared on "fold 0" hold out the same cases.
+    """
+    out = []
+    for case in cases:
+        if case.label is None:
+            out.append(0.0)
+            continue
+        label = io.read_image(case.label)
+        voxels = int(np.count_nonzero(label.array))
+        out.append(voxels * float(np.prod(label.spacing)) / 1000.0)
+    return out
+
+
+def read_splits(path: Path, case_ids: Sequence[str]) -> list[dict[str, list[str]]]:
+    """The folds a run saved in ``splits.json``, checked against the dataset's ``case_ids``.
+
+    Raises:
+        InputError: an unreadable file, or folds that name other cases than the dataset holds.
+    """
+    try:
+        splits = json.loads(path.read_text())
+        folds = [{"train": list(f["train"]), "val": list(f["val"])} for f in splits]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{path}: not a readable splits file ({exc})") from None
+    known = set(case_ids)
+    for k, f in enumerate(folds):
+        named = set(f["train"]) | set(f["val"])
+        if named != known:
+            extra, missing = sorted(named - known), sorted(known - named)
+            raise InputError(
+                f"{path}: fold {k} does not cover the dataset's cases "
+                f"(unknown: {extra[:3]}, missing: {missing[:3]}); train into a new --out"
+            )
+    return folds
+
+
 def fold_dir(folder: str | Path, fold: int | str) -> Path:
     """``FOLDER/fold_K``: where a cross-validation folder keeps fold K's run."""
     return Path(folder) / f"{FOLD_PREFIX}{fold}"
@@ -77,4 +120,7 @@ def fold_runs(folder: str | Path) -> list[Path]:
     return sorted(runs, key=lambda d: int(d.name[len(FOLD_PREFIX) :]))
 
 
-__all__ = ["FOLD_PREFIX", "fold_dir", "fold_runs", "make_splits", "resolve_dataset"]
+__all__ = [
+    "FOLD_PREFIX", "fold_dir", "fold_runs", "label_burdens", "make_splits", "read_splits",
+    "resolve_dataset",
+]  # fmt: skip

@@ -59,7 +59,7 @@ from segmenter import plots
 from segmenter.atomic import remove_stale_temporaries, write_text
 from segmenter.config import ChannelNormalization, Config, save_config
 from segmenter.data.layout import Dataset, load_dataset
-from segmenter.data.splits import make_splits, resolve_dataset
+from segmenter.data.splits import label_burdens, make_splits, read_splits, resolve_dataset
 from segmenter.errors import InputError, Interrupted, PeerLost
 from segmenter.evaluation import report
 from segmenter.inference.predictor import build_from_plan, load_weights, model_from_checkpoint
@@ -201,15 +201,32 @@ def _training_job(cfg: Config, dataset: Dataset, fold: int | str) -> TrainingJob
 
 
 def _split_cases(
-    cfg: Config, cases: list[PreprocessedCase], fold: int | str
+    cfg: Config,
+    dataset: Dataset,
+    cases: list[PreprocessedCase],
+    fold: int | str,
+    saved: Path | None = None,
 ) -> tuple[list[dict[str, list[str]]], list[PreprocessedCase], list[PreprocessedCase]]:
-    """All folds' splits and this fold's training and validation cases."""
+    """All folds' splits and this fold's training and validation cases.
+
+    The folds are stratified by each label file's lesion volume as stored
+    (:func:`~segmenter.data.splits.label_burdens`), so every target spacing, crop and cache
+    holds out the same cases. A resumed run keeps the split it saved (``saved``, its
+    ``splits.json``), whatever the code or data computed since.
+    """
     ids = [c.case_id for c in cases]
     if fold == "all":
         splits = [{"train": sorted(ids), "val": sorted(ids)}]
         split = splits[0]
+    elif saved is not None and saved.is_file():
+        splits = read_splits(saved, ids)
+        if int(fold) >= len(splits):
+            raise InputError(f"{saved}: no fold {fold} (it holds {len(splits)} folds)")
+        split = splits[int(fold)]
     else:
-        burdens = [float((c.label > 0).mean()) if c.label is not None else 0.0 for c in cases]
+        raw = dataset.training
+        by_case = dict(zip((c.case_id for c in raw), label_burdens(raw), strict=True))
+        burdens = [by_case[i] for i in ids]
         splits = make_splits(ids, burdens, cfg.train.n_folds, cfg.train.resolved_split_seed)
         split = splits[int(fold)]
     by_id = {c.case_id: c for c in cases}
@@ -231,7 +248,14 @@ def _preprocess(cfg: Config, dataset: Dataset, dist: Dist, progress: bool) -> li
 
 
 def _set_up(
-    cfg: Config, dataset: Dataset, run: Path, *, fold: int | str, progress: bool, dist: Dist
+    cfg: Config,
+    dataset: Dataset,
+    run: Path,
+    *,
+    fold: int | str,
+    progress: bool,
+    dist: Dist,
+    resume: bool = False,
 ) -> _Session:
     t = cfg.train
     if t.threads:
@@ -243,7 +267,8 @@ def _set_up(
     if dist.chief:
         save_config(cfg, run / "config.yaml")
     cases = _preprocess(cfg, dataset, dist, progress)
-    splits, train_cases, val_cases = _split_cases(cfg, cases, fold)
+    saved = run / "splits.json" if resume else None
+    splits, train_cases, val_cases = _split_cases(cfg, dataset, cases, fold, saved)
     mode = t.validation_for(fold)
     if mode != "held_out":
         val_cases = list(train_cases) if mode == "training" else []
@@ -655,7 +680,7 @@ def _fit_locked(
         if stale:
             log.info("removed %d temporary file(s) a killed run left: %s", len(stale),
                      ", ".join(str(p.relative_to(run)) for p in stale))  # fmt: skip
-        session = _set_up(cfg, dataset, run, fold=fold, progress=progress, dist=dist)
+        session = _set_up(cfg, dataset, run, fold=fold, progress=progress, dist=dist, resume=resume)
         state = _restore(session) if resume else TrainState()
         with stop_requests() as signals:
             stop = _AgreedStop(local=signals) if dist.active else signals

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,9 +15,11 @@ import torch
 
 from segmenter.cli import main
 from segmenter.config import load_config
+from segmenter.data.layout import load_dataset
+from segmenter.data.splits import label_burdens, make_splits
 from segmenter.errors import InputError
 from segmenter.io import read_image, write_image
-from segmenter.training.loop import fit
+from segmenter.training.loop import _split_cases, fit
 
 
 def test_train_predict_evaluate_in_process(
@@ -67,6 +70,40 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     rows = (part / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 4  # header + the three epochs, across the interruption
+
+
+def test_the_split_follows_the_stored_labels_not_the_preprocessed_ones(phantoms: Path) -> None:
+    cfg = load_config(Path("configs/default.yaml"), [f"data.dataset={phantoms}"])
+    dataset = load_dataset(phantoms)
+    raw = dict(
+        zip([c.case_id for c in dataset.training], label_burdens(dataset.training), strict=True)
+    )
+    ids = sorted(raw)
+    # preprocessed labels whose burdens run against the stored ones (another spacing or crop)
+    order = sorted(ids, key=raw.__getitem__)
+    fake = [
+        SimpleNamespace(case_id=i, label=np.arange(10) < len(ids) - order.index(i)) for i in ids
+    ]
+    splits, _, _ = _split_cases(cfg, dataset, fake, 0)  # type: ignore[arg-type]
+    expected = make_splits(
+        ids, [raw[i] for i in ids], cfg.train.n_folds, cfg.train.resolved_split_seed
+    )
+    assert splits == expected
+
+
+def test_a_resumed_run_keeps_the_split_it_saved(tiny_config_file: Path, tmp_path: Path) -> None:
+    cfg = load_config(tiny_config_file, ["train.epochs=2", "train.val_every=2"])
+    run = tmp_path / "run"
+    fit(cfg, run, progress=False, should_stop=lambda epoch: epoch == 1)
+    splits = json.loads((run / "splits.json").read_text())
+    ids = sorted(splits[0]["train"] + splits[0]["val"])
+    edited = [{"train": ids[2:], "val": ids[:2]}] * len(splits)  # not what the code computes
+    assert edited[0] != splits[0]
+    (run / "splits.json").write_text(json.dumps(edited))
+    assert main(["train", "--resume", "--out", str(run)]) == 0
+    assert json.loads((run / "splits.json").read_text()) == edited
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(c["case_id"] for c in summary["metric_per_case"]) == ids[:2]
 
 
 def test_resume_needs_a_run_and_a_fresh_run_needs_an_empty_folder(
