@@ -77,28 +77,54 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    import json
-
     from segmenter import config as config_mod
-    from segmenter.atomic import write_text
     from segmenter.data.layout import load_dataset
-    from segmenter.planning import fingerprint as fp_mod
-    from segmenter.planning import planner
 
     cfg = config_mod.load_config(args.config, args.set)
     dataset = load_dataset(args.dataset)
     out = Path(args.out) if args.out else Path("plans") / dataset.name
     if args.minutes is not None:
         cfg = config_mod.apply_values(cfg, {"plan.minutes": args.minutes})
-    fp = fp_mod.dataset_fingerprint(dataset, workers=2, progress=_progress("fingerprint"))
+    _plan_dataset(cfg, dataset, out, reuse_fingerprint=False)
+    return 0
+
+
+def _plan_dataset(cfg: Any, dataset: Any, out: Path, *, reuse_fingerprint: bool) -> dict[str, Any]:
+    """``segmenter plan``'s work: the fingerprint (reused from ``out`` when asked and it lists
+    the dataset's cases), the plan (and the width for ``plan.minutes``), both written to
+    ``out`` and described; returns the plan."""
+    import json
+
+    from segmenter.atomic import write_text
+    from segmenter.planning import fingerprint as fp_mod
+    from segmenter.planning import planner
+
+    fp = _saved_fingerprint(out / "fingerprint.json", dataset) if reuse_fingerprint else None
+    if fp is None:
+        fp = fp_mod.dataset_fingerprint(dataset, workers=2, progress=_progress("fingerprint"))
+        fp_mod.write_fingerprint(fp, out / "fingerprint.json")
+    else:
+        print(f"fingerprint of {len(fp['cases'])} cases reused from {out / 'fingerprint.json'}")
     dataset_plan = planner.make_dataset_plan(fp, cfg)
     if cfg.plan.minutes is not None:
         dataset_plan.update(_width_for_budget(cfg, dataset_plan, dataset.n_channels))
-    fp_mod.write_fingerprint(fp, out / "fingerprint.json")
     write_text(out / "plan.json", json.dumps(dataset_plan, indent=2) + "\n")
     print(_describe_dataset_plan(dataset.name, dataset_plan, fp["summary"]["lesions"]["total"]))
     print(f"wrote {out / 'fingerprint.json'} and {out / 'plan.json'}")
-    return 0
+    return dataset_plan
+
+
+def _saved_fingerprint(path: Path, dataset: Any) -> dict[str, Any] | None:
+    """The fingerprint at ``path`` when it is of ``dataset`` (same folder, same cases)."""
+    import json
+
+    try:
+        fp = json.loads(path.read_text())
+        ids = [c["case_id"] for c in fp["cases"]]
+        same = fp["dataset"] == str(dataset.root)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return fp if same and ids == [c.case_id for c in dataset.training] else None
 
 
 def _width_for_budget(cfg: Any, dataset_plan: dict[str, Any], n_channels: int) -> dict[str, Any]:
@@ -134,7 +160,8 @@ def _describe_dataset_plan(name: str, plan: dict[str, Any], n_lesions: int) -> s
     schemes = ", ".join(f"{n['channel']} {n['scheme']}" for n in plan["normalization"])
     return "\n".join([
         f"{name}: {plan['n_cases']} cases, {n_lesions} lesions",
-        f"target spacing {plan['target_spacing']} mm (anisotropic: {plan['anisotropic']})",
+        f"target spacing {plan['target_spacing']} mm (anisotropic: {plan['anisotropic']}); "
+        f"{plan['spacing_choice']['why']}",
         f"median shape at that spacing {shape}",
         f"patch {plan['patch_size']}, depth {plan['depth']}, batch {plan['batch_size']} "
         f"({plan['budget']} budget of {plan['budget_patch_voxels']} voxels per patch)",
@@ -211,17 +238,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _experiment_config(args: argparse.Namespace) -> Any:
-    """``--config``, then ``--plan``'s patch, batch, depth and spacing, then ``--set``."""
+    """``--config``, then ``--plan``'s patch, batch, depth and spacing, then ``--set``.
+
+    ``--plan auto`` plans the config's dataset here first, as ``segmenter plan`` does, into
+    ``plans/NAME/`` (a fingerprint already there is reused), with the width timed for
+    ``plan.minutes`` or else ``train.max_minutes``.
+    """
     from segmenter import config as config_mod
 
     cfg = config_mod.load_config(args.config)
-    if getattr(args, "plan", None):
+    plan = getattr(args, "plan", None)
+    if plan == AUTO_PLAN:
+        from segmenter.data.layout import load_dataset
+        from segmenter.data.splits import resolve_dataset
+        from segmenter.planning import planner
+
+        asked = config_mod.apply_overrides(cfg, args.set)
+        if asked.plan.minutes is None and asked.train.max_minutes is not None:
+            asked = config_mod.apply_values(asked, {"plan.minutes": asked.train.max_minutes})
+        dataset = load_dataset(resolve_dataset(asked))
+        made = _plan_dataset(asked, dataset, Path("plans") / dataset.name, reuse_fingerprint=True)
+        cfg = config_mod.apply_values(cfg, planner.dataset_plan_values(made))
+    elif plan:
         from segmenter.planning import planner
 
         cfg = config_mod.apply_values(
-            cfg, planner.dataset_plan_values(planner.read_dataset_plan(args.plan))
+            cfg, planner.dataset_plan_values(planner.read_dataset_plan(plan))
         )
     return config_mod.apply_overrides(cfg, args.set)
+
+
+#: ``--plan auto``: plan the dataset now instead of reading a plan.json.
+AUTO_PLAN = "auto"
 
 
 def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -456,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML experiment config (names only what it changes)")
     _add_set(p, "override a config key, e.g. --set train.epochs=50 (repeatable)")
     p.add_argument(
-        "--plan", help="plan.json from segmenter plan: its patch, batch, depth, target spacing"
+        "--plan",
+        help="plan.json from segmenter plan: its patch, batch, depth, target spacing, width; "
+        "'auto': plan the config's dataset now (plans/NAME/)",
     )
     p.add_argument("--out", help="run folder (default: runs/<config name>/fold_<K>)")
     p.add_argument("--fold", type=_fold, default=0, help="cross-validation fold or 'all'")
@@ -506,7 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (train.n_folds sets the split)")
     p.add_argument("--out", required=True, help="cross-validation folder (finished folds kept)")
     p.add_argument(
-        "--plan", help="plan.json from segmenter plan: its patch, batch, depth, target spacing"
+        "--plan",
+        help="plan.json from segmenter plan: its patch, batch, depth, target spacing, width; "
+        "'auto': plan the config's dataset now (plans/NAME/)",
     )
     p.add_argument("--folds", type=int, nargs="+", help="fold numbers to run (default: every fold)")
     p.add_argument(

@@ -422,6 +422,12 @@ class PlanConfig:
             320-520 steps matched 8 filters at 2.5-2.8x the steps on BraTS and MS,
             ``configs/experiments/ms_width``).
         overhead: share of the budget not spent in training steps (start-up, data, validation).
+        max_spacing_mm: the coarsest spacing the plan coarsens a fine axis to for large
+            lesions (null: keep the data's spacing); see ``lesion_voxels``.
+        lesion_voxels: voxels the small lesions must still span across once coarsened (4: a
+            whole tumour's smaller satellites at 2 mm; MS lesions of a few mm3 keep 1 mm).
+        lesion_percentile: which lesions are the small ones: this percentile of the training
+            lesions' volumes (those the evaluation preset counts, above its ``min_ref_mm3``).
     """
 
     budget: Literal["cpu", "gpu"] = "cpu"
@@ -433,6 +439,9 @@ class PlanConfig:
     widths: tuple[int, ...] = (8, 16, 32)
     min_steps: int = 500
     overhead: float = 0.1
+    max_spacing_mm: float | None = 2.0
+    lesion_voxels: float = 4.0
+    lesion_percentile: float = 10.0
 
     def __post_init__(self) -> None:
         if min(self.cpu_patch_voxels, self.gpu_patch_voxels) < 8**3:
@@ -447,6 +456,10 @@ class PlanConfig:
             raise ConfigError("plan.widths must be counts >= 1 and plan.min_steps >= 1")
         if not 0.0 <= self.overhead < 1.0:
             raise ConfigError(f"plan.overhead must be in [0, 1), got {self.overhead}")
+        if self.max_spacing_mm is not None and not self.max_spacing_mm > 0:
+            raise ConfigError(f"plan.max_spacing_mm must be > 0 or null, got {self.max_spacing_mm}")
+        if not self.lesion_voxels > 0 or not 0.0 <= self.lesion_percentile <= 100.0:
+            raise ConfigError("plan.lesion_voxels must be > 0 and plan.lesion_percentile in 0..100")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,14 @@ suggests config values (``train --plan`` takes them over) and is written to
 From the fingerprint (:mod:`segmenter.planning.fingerprint`) and the config's ``plan`` section:
 
 - **target spacing**: :func:`segmenter.preprocessing.resampling.target_spacing` (median; the 10th
-  percentile along a coarse axis of anisotropic data);
+  percentile along a coarse axis of anisotropic data), then coarsened where the lesions are
+  large (:func:`spacing_for_lesions`, ``plan.max_spacing_mm``): the fine axes go to the
+  coarsest spacing at which the small lesions (the ``plan.lesion_percentile`` of the
+  fingerprint's lesion volumes, those the evaluation preset counts) still span
+  ``plan.lesion_voxels`` voxels across, but no coarser than lets one patch of the budget hold
+  the median (cropped) scan: nnU-Net's low-resolution idea (a patch that sees the whole
+  brain), bounded by what the lesions allow. Whole tumours (tens of ml) go to 2 mm, MS lesions
+  of a few mm3 stay at 1 mm (``configs/experiments/brats_width_spacing``);
 - **median resampled shape**: the median over cases of each case's nonzero-cropped shape at
   the target spacing;
 - **patch size**: starts from that median shape and, while it holds more voxels than the budget
@@ -45,6 +52,7 @@ import numpy as np
 
 from segmenter.config import Config, ModelConfig, PlanConfig
 from segmenter.errors import InputError
+from segmenter.evaluation.lesions import PRESETS
 from segmenter.planning.topology import MIN_FEATURE_MAP_SIZE, plan_topology
 from segmenter.preprocessing.resampling import is_anisotropic, new_shape, target_spacing
 
@@ -52,6 +60,8 @@ from segmenter.preprocessing.resampling import is_anisotropic, new_shape, target
 CT_NAMES = ("ct",)
 #: Factor by which the largest axis shrinks per step while the patch is over budget.
 SHRINK = 0.9
+#: The lesion rule coarsens an axis only to more than this many times its spacing.
+COARSEN_MARGIN = 1.1
 
 
 def normalisation(channel_names: Sequence[str], summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -106,6 +116,89 @@ def patch_and_depth(
     return (final[0], final[1], final[2]), depth
 
 
+def _small_lesion_extent(volume_mm3: float, thick_mm: float | None) -> float:
+    """The in-plane diameter (mm) of a lesion of ``volume_mm3``: a sphere's on isotropic
+    data; with slices ``thick_mm`` thick, a lesion thinner than a slice spreads in-plane over
+    that one slice (a disc one slice high)."""
+    sphere = (6.0 * volume_mm3 / math.pi) ** (1.0 / 3.0)
+    if thick_mm is None or sphere >= thick_mm:
+        return sphere
+    return math.sqrt(4.0 * volume_mm3 / (math.pi * thick_mm))
+
+
+def spacing_for_lesions(
+    native: Sequence[float],
+    median_shape: Sequence[float],
+    lesion_volumes_mm3: Sequence[float],
+    patch_voxels: int,
+    plan: PlanConfig,
+) -> tuple[tuple[float, float, float], dict[str, Any]]:
+    """The target spacing coarsened for large lesions, and why (module docstring).
+
+    Args:
+        native: the spacing :func:`target_spacing` chose (mm).
+        median_shape: the median cropped shape at ``native`` (voxels).
+        lesion_volumes_mm3: every training lesion the evaluation counts (mm3).
+        patch_voxels: the patch budget.
+        plan: the ``plan`` section (``max_spacing_mm``, ``lesion_voxels``, ``lesion_percentile``).
+
+    Returns:
+        The spacing and a record of the choice for ``plan.json`` (``why``: one sentence).
+    """
+    spacing = tuple(float(v) for v in native)
+    fine = [a for a in range(3) if not (is_anisotropic(spacing) and spacing[a] == max(spacing))]
+    thick = max(spacing) if len(fine) < 3 else None
+    record: dict[str, Any] = {"native": list(spacing), "max_spacing_mm": plan.max_spacing_mm}
+    ceiling = plan.max_spacing_mm
+    if ceiling is None or not lesion_volumes_mm3 or ceiling <= max(spacing[a] for a in fine):
+        why = (
+            "plan.max_spacing_mm is null" if ceiling is None
+            else "no lesions to size it by" if not lesion_volumes_mm3
+            else "already that coarse"
+        )  # fmt: skip
+        return _triple(spacing), record | {"chosen": list(spacing), "why": f"kept: {why}"}
+    small = float(np.percentile(lesion_volumes_mm3, plan.lesion_percentile))
+    extent = _small_lesion_extent(small, thick)
+    by_lesions = extent / plan.lesion_voxels
+    # one patch holds the median scan: the fine axes' physical area/volume over the voxels left
+    fixed = math.prod(median_shape[a] for a in range(3) if a not in fine)
+    extent_mm = math.prod(median_shape[a] * spacing[a] for a in fine)
+    by_coverage = (extent_mm / max(patch_voxels / fixed, 1.0)) ** (1.0 / len(fine))
+    target = min(by_lesions, by_coverage, ceiling)
+    record |= {
+        "small_lesion_mm3": small, "lesion_percentile": plan.lesion_percentile,
+        "small_lesion_extent_mm": extent, "lesion_limit_mm": by_lesions,
+        "coverage_limit_mm": by_coverage,
+    }  # fmt: skip
+    coarser = [a for a in fine if target > COARSEN_MARGIN * spacing[a]]
+    if not coarser:
+        limit = "lesions" if by_lesions <= by_coverage else "patch already holds the scan"
+        reason = (
+            f"kept: the small lesions ({small:.3g} mm3, {extent:.2g} mm across) need it"
+            if limit == "lesions"
+            else "kept: one patch already holds the median scan"
+        )
+        return _triple(spacing), record | {"chosen": list(spacing), "why": reason}
+    out = list(spacing)
+    for a in coarser:
+        out[a] = target
+    if target == ceiling:
+        bound = f"plan.max_spacing_mm {ceiling:g}"
+    elif target == by_lesions:
+        bound = (
+            f"the small lesions ({small:.3g} mm3, {extent:.2g} mm across) keep "
+            f"{plan.lesion_voxels:g} voxels across"
+        )
+    else:
+        bound = "one patch then holds the median scan"
+    why = f"coarsened to {target:.3g} mm: {bound}"
+    return _triple(out), record | {"chosen": out, "why": why}
+
+
+def _triple(values: Sequence[float]) -> tuple[float, float, float]:
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
 def make_dataset_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """``plan.json`` content for a fingerprint under the config's ``plan`` section.
 
@@ -124,11 +217,16 @@ def make_dataset_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any
         raise ValueError("the fingerprint holds no cases")
     spacings = [c["spacing"] for c in cases]
     cropped = [c.get("cropped_shape", c["shape"]) for c in cases]
-    target = target_spacing(spacings, cropped)
-    resampled = [new_shape(shape, sp, target) for shape, sp in zip(cropped, spacings, strict=True)]
-    median = [float(v) for v in np.median(np.array(resampled, dtype=float), axis=0)]
     p = cfg.plan
     budget = p.cpu_patch_voxels if p.budget == "cpu" else p.gpu_patch_voxels
+    native = target_spacing(spacings, cropped)
+    counted = PRESETS[cfg.evaluation.preset].min_ref_mm3
+    volumes = [v for c in cases for v in c.get("lesion_volumes_mm3", []) if v > counted]
+    target, spacing_choice = spacing_for_lesions(
+        native, _median_shape(cropped, spacings, native), volumes, budget, p
+    )
+    spacing_choice["lesions_counted_above_mm3"] = counted
+    median = _median_shape(cropped, spacings, target)
     patch, depth = patch_and_depth(median, target, budget, p.max_depth, cfg.model)
     topo = plan_topology(
         dataclasses.replace(cfg.model, depth=depth), spacing=target, patch_size=patch
@@ -141,6 +239,7 @@ def make_dataset_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any
         "budget": p.budget,
         "budget_patch_voxels": budget,
         "target_spacing": list(target),
+        "spacing_choice": spacing_choice,
         "anisotropic": is_anisotropic(target),
         "median_resampled_shape": median,
         "patch_size": list(patch),
@@ -150,6 +249,13 @@ def make_dataset_plan(fingerprint: dict[str, Any], cfg: Config) -> dict[str, Any
         "kernels": [list(k) for k in topo.kernels],
         "normalization": normalisation(fingerprint["channel_names"], fingerprint["summary"]),
     }
+
+
+def _median_shape(
+    shapes: Sequence[Sequence[int]], spacings: Sequence[Sequence[float]], target: Sequence[float]
+) -> list[float]:
+    resampled = [new_shape(shape, sp, target) for shape, sp in zip(shapes, spacings, strict=True)]
+    return [float(v) for v in np.median(np.array(resampled, dtype=float), axis=0)]
 
 
 def steps_in_budget(seconds_per_step: float, minutes: float, overhead: float) -> int:

@@ -26,6 +26,7 @@ from segmenter.planning.planner import (
     normalisation,
     patch_and_depth,
     read_dataset_plan,
+    spacing_for_lesions,
     steps_in_budget,
 )
 from segmenter.planning.run_plan import RunPlan
@@ -53,6 +54,61 @@ def test_anisotropic_data_keep_the_thick_axis_short() -> None:
     patch, depth = patch_and_depth((320, 320, 24), (0.7, 0.7, 4.0), 80**3, 6)
     assert math.prod(patch) <= 80**3
     assert patch[2] <= 24 and min(patch[:2]) > 3 * patch[2] and abs(patch[0] - patch[1]) <= 32
+
+
+#: Whole tumours (15-230 ml) and a few satellites, like BraTS's whole-tumour labels.
+TUMOURS = [240.0, 400.0, 700.0] + [15000.0 + 10000.0 * i for i in range(22)]
+#: MS-like lesions: most of a few to tens of mm3.
+MS_LESIONS = [2.0, 3.0, 4.0, 6.0, 10.0, 15.0, 21.0, 40.0, 90.0, 300.0, 900.0] * 5
+
+
+def test_large_lesions_coarsen_the_fine_axes_until_one_patch_holds_the_scan() -> None:
+    plan = PlanConfig()
+    spacing, why = spacing_for_lesions((1.0, 1.0, 1.0), (140, 170, 140), TUMOURS, 80**3, plan)
+    # the median brain (140 x 170 x 140 mm) in 80^3 voxels: 1.87 mm, under the lesions' limit
+    assert spacing == pytest.approx((1.867,) * 3, abs=1e-3)
+    assert (
+        why["coverage_limit_mm"] < why["lesion_limit_mm"] and "holds the median scan" in why["why"]
+    )
+    bigger = spacing_for_lesions((1.0, 1.0, 1.0), (200, 240, 200), TUMOURS, 80**3, plan)[0]
+    assert bigger == (2.0, 2.0, 2.0)  # a larger field of view stops at plan.max_spacing_mm
+    off = replace(plan, max_spacing_mm=None)
+    kept, why = spacing_for_lesions((1.0, 1.0, 1.0), (140, 170, 140), TUMOURS, 80**3, off)
+    assert kept == (1.0, 1.0, 1.0) and why["why"] == "kept: plan.max_spacing_mm is null"
+
+
+def test_small_lesions_keep_the_spacing_and_a_thick_axis_is_never_coarsened() -> None:
+    plan = PlanConfig()
+    spacing, why = spacing_for_lesions((1.0, 1.0, 1.0), (140, 175, 145), MS_LESIONS, 64**3, plan)
+    assert spacing == (1.0, 1.0, 1.0) and why["why"].startswith("kept: the small lesions")
+    # thick slices: a lesion thinner than a slice spreads in-plane (a disc one slice high)
+    thick = (0.5, 0.5, 7.5)
+    spacing, why = spacing_for_lesions(thick, (400, 450, 20), MS_LESIONS, 80**3, plan)
+    assert spacing == thick
+    assert why["small_lesion_extent_mm"] == pytest.approx(math.sqrt(4 * 3.0 / (math.pi * 7.5)))
+    # large lesions on thick slices: only the in-plane axes coarsen
+    spacing, _ = spacing_for_lesions(thick, (400, 450, 20), TUMOURS, 80**3, plan)
+    assert spacing[2] == 7.5 and spacing[0] == spacing[1] > 1.0
+
+
+def test_the_plan_sizes_the_spacing_by_the_lesions_the_preset_counts() -> None:
+    # every case: one 60 ml tumour and forty 2-voxel specks (whole-tumour labels carry them)
+    case = {
+        "spacing": [1.0, 1.0, 1.0], "shape": [240, 240, 155], "cropped_shape": [140, 170, 140],
+        "lesion_volumes_mm3": [60000.0] + [2.0] * 40,
+    }  # fmt: skip
+    fp = {
+        "dataset": "d", "channel_names": ["FLAIR"], "file_ending": ".nii.gz",
+        "cases": [case] * 4, "summary": {"channels": [{}]},
+    }  # fmt: skip
+    brats = make_dataset_plan(fp, load_config(None, ["evaluation.preset=brats23"]))
+    assert brats["target_spacing"][0] > 1.5  # the specks (under brats23's 50 mm3) do not count
+    assert brats["spacing_choice"]["lesions_counted_above_mm3"] == 50.0
+    assert brats["median_resampled_shape"][0] == pytest.approx(
+        140 / brats["target_spacing"][0], abs=1
+    )
+    isles = make_dataset_plan(fp, load_config(None, ["evaluation.preset=isles22"]))
+    assert isles["target_spacing"] == [1.0, 1.0, 1.0]  # under isles22 every speck is a lesion
 
 
 def test_ct_channels_are_clipped_and_mri_channels_z_scored() -> None:
@@ -246,3 +302,33 @@ def test_width_timing_stops_at_the_first_width_too_slow_for_the_budget(
     assert torch.equal(torch.get_rng_state(), rng)  # the global random state is untouched
     one = measure_step(cfg, 2, steps=2, warmup=0)
     assert one.timed_steps == 2 and one.seconds_per_step > 0
+
+
+def test_train_plans_by_itself_from_a_config_naming_the_dataset_and_the_budget(
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "minimal.yaml"
+    # the dataset and the budget; the rest only keeps the test short (one step, one width)
+    config.write_text(
+        f"data: {{dataset: {dataset}, num_workers: 0}}\n"
+        "train: {max_minutes: 5, epochs: 1, iterations_per_epoch: 1, n_folds: 3, precision: fp32}\n"
+        "plan: {widths: [4], min_steps: 1}\ninference: {tta: false}\n"
+    )
+    argv = ["train", "--config", str(config), "--plan", "auto", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "target spacing" in printed and "4 base filters:" in printed  # timed for 5 min
+    plan = json.loads((tmp_path / "plans" / dataset.name / "plan.json").read_text())
+    assert plan["width_choice"]["minutes"] == 5
+    saved = load_config(tmp_path / "a" / "config.yaml")
+    assert list(saved.data.patch_size) == plan["patch_size"] and saved.model.base_filters == 4
+    assert list(saved.data.target_spacing or ()) == plan["target_spacing"]
+    argv = ["train", "--config", str(config), "--plan", "auto", "--out", str(tmp_path / "b"),
+            "--set", "data.batch_size=1"]  # fmt: skip
+    assert main(argv) == 0
+    assert "fingerprint of 3 cases reused" in capsys.readouterr().out
+    assert load_config(tmp_path / "b" / "config.yaml").data.batch_size == 1  # --set still wins
