@@ -21,6 +21,7 @@ import contextlib
 import datetime
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -92,6 +93,14 @@ class Dist:
         """Wait for every rank."""
         if self.active:
             torch_dist.barrier()
+
+    def gather_to_chief(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` (picklable), in rank order, on rank 0; None on the others."""
+        if not self.active:
+            return [value]
+        out: list[Any] | None = [None] * self.world_size if self.chief else None
+        torch_dist.gather_object(value, out, dst=0)
+        return out
 
 
 SINGLE = Dist()

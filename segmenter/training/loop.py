@@ -473,29 +473,49 @@ def _epoch_row(state: TrainState) -> dict[str, float]:
 
 
 def _validation_probabilities(session: _Session, stop: StopRequest) -> list[np.ndarray] | None:
-    """The validation cases' probabilities, case by case; None when a stop was requested
-    before one of them (a safe point: validation is redone on resume)."""
-    probs: list[np.ndarray] = []
-    for case in session.val_cases:
-        if stop.requested:
+    """The validation cases' probabilities, case by case, on rank 0; None when a stop was
+    requested before one of them (a safe point: validation is redone on resume), and on the
+    other ranks. Under DDP each rank predicts every ``world_size``-th case (rank r: cases r,
+    r + W, ...) and rank 0 gathers them; a stop is then left to the next agreement (every
+    rank must reach the gather)."""
+    dist = session.dist
+    cases = session.val_cases
+    mine: dict[int, np.ndarray] = {}
+    for i in range(dist.rank, len(cases), dist.world_size):
+        if stop.requested and not dist.active:
             return None
-        probs += validation.validation_probabilities(
-            session.model, [case], session.cfg, session.plan, device=session.device,
+        (mine[i],) = validation.validation_probabilities(
+            session.model, [cases[i]], session.cfg, session.plan, device=session.device,
             dtype=session.dtype,
         )  # fmt: skip
-    return probs
+    shares = dist.gather_to_chief(mine)
+    if shares is None:
+        return None
+    if dist.active:
+        log.info("validated %d cases over %d ranks (%s per rank)", len(cases), dist.world_size,
+                 ", ".join(str(len(share)) for share in shares))  # fmt: skip
+    merged = {i: prob for share in shares for i, prob in share.items()}
+    return [merged[i] for i in range(len(cases))]
 
 
 def _validate_and_select(
-    session: _Session, state: TrainState, row: dict[str, float], clock: _Clock, *, stop: StopRequest
+    session: _Session,
+    state: TrainState,
+    row: dict[str, float],
+    clock: _Clock,
+    *,
+    stop: StopRequest,
 ) -> list[np.ndarray] | None:
-    """Validate, add the scores and their moving average to ``row``, and save ``best.pt``
-    (and the validation report) when the average improved. Returns the validation
-    probabilities when they became the best, else None. A stop request during the validation
-    abandons it (:func:`_stop_here`)."""
+    """Validate (every rank its share, :func:`_validation_probabilities`); on rank 0 add the
+    scores and their moving average to ``row``, and save ``best.pt`` (and the validation
+    report) when the average improved. Returns the validation probabilities when they became
+    the best, else None. A stop request during the validation abandons it
+    (:func:`_stop_here`)."""
     cfg = session.cfg
     v0 = time.perf_counter()
     probs = _validation_probabilities(session, stop)
+    if not session.dist.chief:
+        return None
     if probs is None:
         _stop_here(session, state, clock, stop)
     summary, results = validation.score_cases(session.val_cases, probs, cfg)
@@ -755,8 +775,9 @@ def _epochs(
         stop_now = _chief_decides(session, clock.over_budget_after(row["epoch_s"]))
         _update_eta(bar, state, clock, t.epochs * t.iterations_per_epoch)
         due = row["epoch"] % t.val_every == 0 or row["epoch"] == t.epochs or stop_now
-        # the other ranks wait for rank 0's validation at the next agreement
-        if due and session.val_cases and session.dist.chief:
+        # every rank validates its share; the others then wait for rank 0's scoring at the
+        # next agreement
+        if due and session.val_cases:
             best_probs = _validate_and_select(session, state, row, clock, stop=stop) or best_probs
         else:
             log.info("epoch %d: loss %.4f", row["epoch"], row["train_loss"])

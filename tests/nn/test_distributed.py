@@ -8,6 +8,7 @@ rank. Every process has a wall-clock bound and a collective timeout
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -21,9 +22,15 @@ import torch
 from ddp_worker import step_config, train_steps
 
 from segmenter.cli import main
+from segmenter.config import load_config
+from segmenter.data.layout import load_dataset
 from segmenter.errors import InputError
+from segmenter.inference.predictor import load_predictor
 from segmenter.nn import distributed
 from segmenter.nn.distributed import SINGLE, Dist
+from segmenter.preprocessing.pipeline import preprocess_dataset
+from segmenter.preprocessing.spec import PreprocessingSpec
+from segmenter.training import validation
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -173,6 +180,31 @@ def test_torchrun_trains_one_run_that_rank_0_alone_writes(
     assert run.stdout.count("run folder:") == 1  # one report, rank 0's
     state = torch.load(ddp / "checkpoints" / "last.pt", weights_only=True)
     assert (state["world_size"], state["step"]) == (2, 2)
+    # the two validation cases were split over the ranks and gathered in case order
+    assert "validated 2 cases over 2 ranks (1, 1 per rank)" in log
+    assert _validation_dice(ddp) == pytest.approx(_recomputed_dice(ddp), abs=1e-6)
+
+
+def _validation_dice(run: Path) -> dict[str, float]:
+    summary = json.loads((run / "summary.json").read_text())
+    return {c["case_id"]: c["metrics"]["1"]["Dice"] for c in summary["metric_per_case"]}
+
+
+def _recomputed_dice(run: Path) -> dict[str, float]:
+    """Each held-out case of ``run`` scored in one process from its ``best.pt``."""
+    cfg = load_config(run / "config.yaml")
+    predictor = load_predictor(run)
+    held_out = json.loads((run / "splits.json").read_text())[0]["val"]
+    dataset = load_dataset(cfg.data.dataset)
+    cases = preprocess_dataset(
+        [c for c in dataset.training if c.case_id in held_out],
+        PreprocessingSpec.from_data(cfg.data), workers=1,
+    )  # fmt: skip
+    probs = validation.validation_probabilities(
+        predictor.model, cases, cfg, predictor.plan, device=torch.device("cpu"), dtype=None
+    )
+    summary, _ = validation.score_cases(cases, probs, cfg)
+    return {c["case_id"]: c["metrics"]["1"]["Dice"] for c in summary["metric_per_case"]}
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(
