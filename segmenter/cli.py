@@ -251,7 +251,14 @@ def _experiment_config(args: argparse.Namespace) -> Any:
     if plan == AUTO_PLAN:
         from segmenter.data.layout import load_dataset
         from segmenter.data.splits import resolve_dataset
+        from segmenter.nn import distributed
         from segmenter.planning import planner
+
+        if distributed.from_environment(os.environ).active:  # each rank would time its own
+            raise InputError(
+                "--plan auto is not for a torchrun run (each rank would plan and time its "
+                "own network): run segmenter plan DATASET first, then --plan plans/NAME/plan.json"
+            )
 
         asked = config_mod.apply_overrides(cfg, args.set)
         if asked.plan.minutes is None and asked.train.max_minutes is not None:
@@ -702,7 +709,7 @@ def entry() -> None:
     """
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
-        _run(None, _exit_now)
+        _exit_now(_run(None, _exit_now))
     sys.exit(main())
 
 

@@ -332,3 +332,19 @@ def test_train_plans_by_itself_from_a_config_naming_the_dataset_and_the_budget(
     assert main(argv) == 0
     assert "fingerprint of 3 cases reused" in capsys.readouterr().out
     assert load_config(tmp_path / "b" / "config.yaml").data.batch_size == 1  # --set still wins
+
+
+def test_plan_auto_is_refused_under_torchrun(
+    dataset: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    config = tmp_path / "minimal.yaml"
+    config.write_text(f"data: {{dataset: {dataset}}}\ntrain: {{max_minutes: 5}}\n")
+    assert main(["train", "--config", str(config), "--plan", "auto", "--out", "run"]) == 2
+    assert "--plan auto is not for a torchrun run" in capsys.readouterr().err
+    assert not (tmp_path / "plans").exists() and not (tmp_path / "run").exists()
