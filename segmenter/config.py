@@ -189,6 +189,9 @@ class LossConfig:
         include_background: keep channel 0 in the Dice term.
         lambda_focal: weight of the focal (or cross-entropy) term.
         lambda_dice: weight of the Dice term.
+        lambda_blob: weight of the per-lesion blob Dice term added to the loss (each connected
+            lesion of the target scored on its own, so small lesions count as much as large
+            ones; ``segmenter.nn.losses.blob_dice_loss``); 0: off.
         deep_supervision_weights: per-output weights, highest resolution first; None uses
             nnU-Net's rule (1/2^i, lowest resolution 0, normalised).
     """
@@ -203,6 +206,7 @@ class LossConfig:
     include_background: bool = True
     lambda_focal: float = 1.0
     lambda_dice: float = 1.0
+    lambda_blob: float = 0.0
     deep_supervision_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -212,8 +216,8 @@ class LossConfig:
             raise ConfigError(f"loss.alpha must be in [0, 1] or null, got {self.alpha}")
         if self.smooth < 0:
             raise ConfigError(f"loss.smooth must be >= 0, got {self.smooth}")
-        if self.lambda_focal < 0 or self.lambda_dice < 0:
-            raise ConfigError("loss.lambda_focal and loss.lambda_dice must be >= 0")
+        if self.lambda_focal < 0 or self.lambda_dice < 0 or self.lambda_blob < 0:
+            raise ConfigError("loss.lambda_focal, lambda_dice and lambda_blob must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,10 @@ gradient. Definitions follow DESIGN ("Loss (exact definitions)"), with
 - Soft Dice (Milletari et al., "V-Net", 3DV 2016):
   ``1 - (2 sum p t + s) / (sum p + sum t + s)`` per sample and channel (or over the batch).
 - Dice + cross-entropy as nnU-Net (Isensee et al., "nnU-Net", Nature Methods 2021).
+- Blob Dice (after Kofler et al., "blob loss", IPMI 2023): the soft Dice of each connected
+  lesion of the target on its own (the other lesions masked out of the prediction), averaged
+  over the lesions, so a missed small lesion costs as much as a missed large one; an optional
+  term added to any of the above (``loss.lambda_blob``).
 
 The functions are the pure core; the ``nn.Module`` classes only hold their keywords. The sigmoid
 focal/Dice path (the default training loss) runs as one fused ``autograd.Function`` that walks the
@@ -699,6 +703,90 @@ def _sync_key(sync: Any) -> dict[str, Any]:
     return {} if sync is None else {"sync": sync}
 
 
+def blob_dice_loss(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    activation: Activation = "sigmoid",
+    smooth: float = 1e-5,
+    connectivity: int = 26,
+) -> Tensor:
+    """Mean over the target's lesions of ``1 - Dice(p masked to the lesion, the lesion)``.
+
+    For each sample, foreground channel and connected component ``k`` of ``target > 0``: the
+    prediction keeps every voxel but those of the other components (``M_k``), and
+    ``Dice_k = (2 sum p t_k + s) / (sum p M_k + sum t_k + s)``. With ``L`` the component labels
+    this is ``sum p M_k = sum p - sum p t + sum p t_k``: one scatter-add per sample and channel,
+    whatever the number of lesions. Samples without lesions add nothing; a batch without any
+    returns 0 (with a gradient path).
+
+    Args:
+        logits: (B, C, X, Y, Z) float, not activated.
+        target: same shape, values in {0, 1}.
+        activation: ``"sigmoid"`` (every channel is a foreground) or ``"softmax"`` (channel 0
+            is the background and is skipped).
+        smooth: s >= 0.
+        connectivity: 6, 18 or 26 (cc3d) for the target's components.
+
+    Raises:
+        ValueError: shape mismatch, not 5 dims, unknown activation.
+    """
+    import cc3d
+    import numpy as np
+
+    _check_params(activation=activation, smooth=smooth)
+    _check_inputs(logits, target, activation, min_ndim=5)
+    if logits.ndim != 5:
+        raise ValueError(f"blob_dice_loss needs (B, C, X, Y, Z) logits, got {tuple(logits.shape)}")
+    x = logits.to(_compute_dtype(logits.dtype))
+    probs = torch.softmax(x, 1) if activation == "softmax" else torch.sigmoid(x)
+    masks = (target.detach() > 0).cpu().numpy()
+    losses = []
+    for b in range(logits.shape[0]):
+        for c in range(1 if activation == "softmax" else 0, logits.shape[1]):
+            labels = cc3d.connected_components(masks[b, c], connectivity=connectivity)
+            n = int(labels.max())
+            if n == 0:
+                continue
+            index = torch.from_numpy(labels.astype(np.int64).ravel()).to(probs.device)
+            p = probs[b, c].reshape(-1)
+            inside = torch.zeros(n + 1, dtype=p.dtype, device=p.device).index_add(0, index, p)
+            sizes = torch.bincount(index, minlength=n + 1)[1:].to(p.dtype)
+            on_lesions = inside[1:]
+            predicted = p.sum() - on_lesions.sum() + on_lesions
+            dice = (2 * on_lesions + smooth) / (predicted + sizes + smooth)
+            losses.append((1 - dice).mean())
+    if not losses:
+        return logits.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+class BlobDiceLoss(nn.Module):
+    """``loss(logits, target) + lambda_blob * blob_dice_loss(logits, target)``.
+
+    Args:
+        loss: the base loss module (focal+Dice, Dice+CE, ...).
+        lambda_blob: weight of :func:`blob_dice_loss` (> 0).
+        activation: as the base loss.
+        smooth: the Dice smoothing.
+    """
+
+    def __init__(
+        self, loss: nn.Module, lambda_blob: float, activation: Activation, smooth: float
+    ) -> None:
+        super().__init__()
+        if not lambda_blob > 0:
+            raise ValueError(f"lambda_blob must be > 0, got {lambda_blob}")
+        self.loss = loss
+        self.lambda_blob = float(lambda_blob)
+        self.activation = activation
+        self.smooth = float(smooth)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        blob = blob_dice_loss(logits, target, activation=self.activation, smooth=self.smooth)
+        return self.loss(logits, target) + self.lambda_blob * blob
+
+
 class FocalLoss(_LossModule):
     """Module form of :func:`focal_loss` (Lin et al. 2017). Call as ``loss(logits, target)``."""
 
@@ -806,7 +894,8 @@ def build_loss(cfg: LossConfig, *, sync: Any = None) -> nn.Module:
 
     ``focal_dice``: :class:`FocalDiceLoss`; ``dice_ce``: :class:`DiceCELoss` with
     ``lambda_ce = cfg.lambda_focal``; ``dice``: :class:`SoftDiceLoss`; ``focal``:
-    :class:`FocalLoss` (the lambdas only weight the terms of the combined presets). The result
+    :class:`FocalLoss` (the lambdas only weight the terms of the combined presets); with
+    ``cfg.lambda_blob > 0`` the per-lesion :func:`blob_dice_loss` is added. The result
     accepts one logits tensor or a list of deep-supervision outputs
     (``cfg.deep_supervision_weights``, None = nnU-Net's rule); the inner loss is ``.loss``.
     ``sync`` (a :class:`segmenter.nn.distributed.Dist`) sums batch-Dice statistics over
@@ -853,4 +942,6 @@ def build_loss(cfg: LossConfig, *, sync: Any = None) -> nn.Module:
         )
     else:
         base = FocalLoss(gamma=cfg.gamma, alpha=cfg.alpha, weight=weight, activation=cfg.activation)
+    if cfg.lambda_blob > 0:
+        base = BlobDiceLoss(base, cfg.lambda_blob, cfg.activation, cfg.smooth)
     return DeepSupervisionLoss(base, cfg.deep_supervision_weights)

@@ -600,3 +600,54 @@ X3, T3 = make_pair((2, 3, 4, 4, 4), seed=24)
 def test_invalid_inputs_raise_clear_errors(call: Callable, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------- blob Dice
+
+
+def _two_lesions() -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4x4x4 lesion the logits find and a one-voxel lesion they miss, in a 16^3 patch."""
+    target = torch.zeros(1, 1, 16, 16, 16)
+    target[0, 0, 2:6, 2:6, 2:6] = 1
+    target[0, 0, 12, 12, 12] = 1
+    logits = torch.full_like(target, -10.0)
+    logits[0, 0, 2:6, 2:6, 2:6] = 10.0
+    return logits, target
+
+
+def test_blob_dice_scores_each_lesion_on_its_own() -> None:
+    logits, target = _two_lesions()
+    logits = logits + 0.3 * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    p = torch.sigmoid(logits)[0, 0]
+    big = torch.zeros_like(target[0, 0], dtype=torch.bool)
+    big[2:6, 2:6, 2:6] = True
+    small = target[0, 0].bool() & ~big
+    expected = []
+    for lesion, other in ((big, small), (small, big)):
+        masked = p * (~other)  # the other lesion masked out of the prediction
+        dice = (2 * (masked * lesion).sum() + 1e-5) / (masked.sum() + lesion.sum() + 1e-5)
+        expected.append(1 - dice)
+    got = L.blob_dice_loss(logits, target)
+    assert got.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+def test_a_missed_small_lesion_costs_the_blob_term_half_while_dice_barely_moves() -> None:
+    logits, target = _two_lesions()
+    dice = L.soft_dice_loss(logits, target).item()
+    blob = L.blob_dice_loss(logits, target).item()
+    assert dice < 0.02 and blob == pytest.approx(0.5, abs=0.01)
+    logits.requires_grad_(True)
+    L.blob_dice_loss(logits, target).backward()
+    assert logits.grad is not None and logits.grad[0, 0, 12, 12, 12] < 0  # pushes the miss up
+    empty = torch.zeros_like(target)
+    assert L.blob_dice_loss(logits, empty).item() == 0.0  # no lesions: nothing to add
+
+
+def test_lambda_blob_adds_the_blob_term_to_the_configured_loss() -> None:
+    logits, target = _two_lesions()
+    base = L.build_loss(LossConfig())
+    both = L.build_loss(LossConfig(lambda_blob=2.0))
+    expected = base(logits, target) + 2.0 * L.blob_dice_loss(logits, target)
+    assert both(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    deep = L.build_loss(LossConfig(lambda_blob=1.0))([logits, logits[:, :, ::2, ::2, ::2]], target)
+    assert torch.isfinite(deep)  # deep supervision: each output against its downsampled target
