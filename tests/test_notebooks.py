@@ -63,6 +63,7 @@ def test_compare_losses_notebook_runs(tmp_path: Path) -> None:
             ],
             "ONLY": ["dice", "focal_dice_1_1"],
             "MINUTES": None,
+            "FOLDS": [0, 1],
             "OUT": str(tmp_path / "cmp"),
             "PHANTOMS": {"train": 6, "test": 2, "size": 32, "seed": 0},
         },
@@ -70,6 +71,8 @@ def test_compare_losses_notebook_runs(tmp_path: Path) -> None:
     text = _text(nb)
     assert "2 variants, each 1 epochs x 2 steps: dice, focal_dice_1_1" in text
     assert "highest lesion F1:" in text and "adding focal to Dice" in text
+    assert "mean of 2" in text and "vs reference (per case)" in text  # two folds, paired
+    assert "focal_dice_1_1 vs dice, lesion_f1 per case:" in text
     assert (tmp_path / "cmp" / "comparison.csv").is_file()
     assert _images(nb) >= 5  # focal curves + the comparison plots
 
