@@ -205,6 +205,7 @@ def _split_cases(
     dataset: Dataset,
     cases: list[PreprocessedCase],
     fold: int | str,
+    *,
     saved: Path | None = None,
 ) -> tuple[list[dict[str, list[str]]], list[PreprocessedCase], list[PreprocessedCase]]:
     """All folds' splits and this fold's training and validation cases.
@@ -268,7 +269,7 @@ def _set_up(
         save_config(cfg, run / "config.yaml")
     cases = _preprocess(cfg, dataset, dist, progress)
     saved = run / "splits.json" if resume else None
-    splits, train_cases, val_cases = _split_cases(cfg, dataset, cases, fold, saved)
+    splits, train_cases, val_cases = _split_cases(cfg, dataset, cases, fold, saved=saved)
     mode = t.validation_for(fold)
     if mode != "held_out":
         val_cases = list(train_cases) if mode == "training" else []
