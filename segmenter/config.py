@@ -366,6 +366,9 @@ class InferenceConfig:
         threshold: foreground probability threshold of the mask.
         min_lesion_mm3: predicted components smaller than this are removed (mm3).
         sw_batch_size: windows per forward pass.
+        window: ``patch`` (the training patch, nnU-Net's) or ``whole``: one window holding the
+            whole preprocessed image (the network is fully convolutional; above
+            ``WHOLE_WINDOW_MAX_VOXELS`` voxels the patch is used).
     """
 
     overlap: float = 0.5
@@ -374,6 +377,7 @@ class InferenceConfig:
     threshold: float = 0.5
     min_lesion_mm3: float = 0.0
     sw_batch_size: int = 2
+    window: Literal["patch", "whole"] = "patch"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:

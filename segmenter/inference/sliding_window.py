@@ -162,6 +162,24 @@ def mirror_set(tta: bool, mirroring: str = "all") -> tuple[tuple[int, ...], ...]
     return MIRROR_AXES if mirroring == "all" else SINGLE_AXES
 
 
+#: ``inference.window: whole`` falls back to the training patch above this many voxels.
+WHOLE_WINDOW_MAX_VOXELS = 1 << 24
+
+
+def inference_window(
+    patch_size: tuple[int, int, int], shape: Sequence[int], mode: str
+) -> tuple[int, int, int]:
+    """The sliding window: the training patch, or for ``whole`` one window over the image
+    (each axis at least the patch) unless that holds more than
+    :data:`WHOLE_WINDOW_MAX_VOXELS` voxels."""
+    if mode == "patch":
+        return patch_size
+    whole = tuple(max(int(p), int(n)) for p, n in zip(patch_size, shape, strict=True))
+    if math.prod(whole) > WHOLE_WINDOW_MAX_VOXELS:
+        return patch_size
+    return (whole[0], whole[1], whole[2])
+
+
 @torch.no_grad()
 def predict_logits(
     model: torch.nn.Module,
@@ -188,8 +206,9 @@ def predict_logits(
         ``(K, X, Y, Z)`` float32 logits (K output channels of the model).
     """
     x = torch.from_numpy(np.array(image, dtype=np.float32))[None].to(device)  # a writable copy
+    window = inference_window(patch_size, image.shape[1:], cfg.window)
     logits = sliding_window_logits(
-        model, x, patch_size, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
+        model, x, window, overlap=cfg.overlap, sw_batch_size=cfg.sw_batch_size,
         dtype=dtype, mirrors=mirror_set(cfg.tta if tta is None else tta, cfg.mirroring),
     )  # fmt: skip
     return logits[0].cpu().numpy()

@@ -161,3 +161,30 @@ def test_single_axis_mirroring_runs_no_flip_and_the_three_single_flips() -> None
     every = InferenceConfig(tta=True, mirroring="all")
     overridden = predict_logits(shift_model(), image, (16, 8, 8), every, device=CPU)
     assert np.abs(overridden - mirrored).max() > 0.1
+
+
+class _Counting(torch.nn.Module):
+    """Records the spatial shape of every batch the wrapped model sees."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(x.shape[2:]))
+        return self.model(x)
+
+
+def test_a_whole_window_runs_the_image_in_one_forward_pass() -> None:
+    image = volume(2, (37, 29, 13))
+    counting = _Counting(pointwise_model())
+    cfg = InferenceConfig(tta=False, window="whole")
+    logits = predict_logits(counting, image, (16, 16, 16), cfg, device=CPU)
+    assert counting.seen == [(37, 29, 16)]  # the image, each axis at least the patch
+    np.testing.assert_allclose(logits[0], 2.0 * image[0] - image[1] + 0.5, atol=1e-5)
+    patched = _Counting(pointwise_model())
+    predict_logits(patched, image, (16, 16, 16), InferenceConfig(tta=False), device=CPU)
+    assert len(patched.seen) > 1 and set(patched.seen) == {(16, 16, 16)}
+    big = (1 << 9, 1 << 9, 1 << 7)  # 2^25 voxels: over the cap, back to the patch
+    assert sw.inference_window((16, 16, 16), big, "whole") == (16, 16, 16)
+    assert sw.inference_window((16, 16, 16), (20, 8, 30), "patch") == (16, 16, 16)
