@@ -30,12 +30,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, get_args
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from segmenter.config import ACTIVATIONS, LOSS_NAMES, Activation, LossConfig
+from segmenter.evaluation.components import label_components
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
@@ -726,14 +728,11 @@ def blob_dice_loss(
         activation: ``"sigmoid"`` (every channel is a foreground) or ``"softmax"`` (channel 0
             is the background and is skipped).
         smooth: s >= 0.
-        connectivity: 6, 18 or 26 (cc3d) for the target's components.
+        connectivity: 6, 18 or 26 for the target's components (:func:`label_components`).
 
     Raises:
         ValueError: shape mismatch, not 5 dims, unknown activation.
     """
-    import cc3d
-    import numpy as np
-
     _check_params(activation=activation, smooth=smooth)
     _check_inputs(logits, target, activation, min_ndim=5)
     if logits.ndim != 5:
@@ -744,8 +743,7 @@ def blob_dice_loss(
     losses = []
     for b in range(logits.shape[0]):
         for c in range(1 if activation == "softmax" else 0, logits.shape[1]):
-            labels = cc3d.connected_components(masks[b, c], connectivity=connectivity)
-            n = int(labels.max())
+            labels, n = label_components(masks[b, c], connectivity)
             if n == 0:
                 continue
             index = torch.from_numpy(labels.astype(np.int64).ravel()).to(probs.device)

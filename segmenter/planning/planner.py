@@ -172,10 +172,9 @@ def spacing_for_lesions(
     }  # fmt: skip
     coarser = [a for a in fine if target > COARSEN_MARGIN * spacing[a]]
     if not coarser:
-        limit = "lesions" if by_lesions <= by_coverage else "patch already holds the scan"
         reason = (
             f"kept: the small lesions ({small:.3g} mm3, {extent:.2g} mm across) need it"
-            if limit == "lesions"
+            if by_lesions <= by_coverage
             else "kept: one patch already holds the median scan"
         )
         return _triple(spacing), record | {"chosen": list(spacing), "why": reason}
