@@ -55,6 +55,16 @@ from segmenter.evaluation.evaluate import evaluate_folders
 from segmenter.evaluation.report import format_table, summary_json
 
 
+#: MONAI's ``UNet(strides=(2, 2, 2, 2))`` halves each axis four times: sizes must divide by 16.
+UNET_DIVISOR = 16
+
+
+def monai_patch(patch: list[int]) -> tuple[int, ...]:
+    """``patch`` with each axis rounded up to a multiple of :data:`UNET_DIVISOR` (a thick-slice
+    patch of 12 slices becomes 16: the UNet's skip connections fail on 12)."""
+    return tuple(-(-int(p) // UNET_DIVISOR) * UNET_DIVISOR for p in patch)
+
+
 def items(dataset, ids: list[str]) -> list[dict]:
     by_id = {c.case_id: c for c in dataset.training}
     return [
@@ -100,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     dataset = load_dataset(args.dataset)
     split = json.loads(Path(args.splits).read_text())[args.fold]
-    patch = tuple(args.patch)
+    patch = monai_patch(args.patch)
+    if list(patch) != list(args.patch):
+        print(f"patch {list(args.patch)} rounded up to {list(patch)}: MONAI's UNet with four "
+              f"stride-2 levels needs sizes divisible by {UNET_DIVISOR}")
     n_channels = len(dataset.channel_names)
 
     loader = DataLoader(
