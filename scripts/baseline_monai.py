@@ -54,7 +54,6 @@ from segmenter.data.layout import load_dataset
 from segmenter.evaluation.evaluate import evaluate_folders
 from segmenter.evaluation.report import format_table, summary_json
 
-
 #: MONAI's ``UNet(strides=(2, 2, 2, 2))`` halves each axis four times: sizes must divide by 16.
 UNET_DIVISOR = 16
 
@@ -112,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     split = json.loads(Path(args.splits).read_text())[args.fold]
     patch = monai_patch(args.patch)
     if list(patch) != list(args.patch):
-        print(f"patch {list(args.patch)} rounded up to {list(patch)}: MONAI's UNet with four "
-              f"stride-2 levels needs sizes divisible by {UNET_DIVISOR}")
+        print(
+            f"patch {list(args.patch)} rounded up to {list(patch)}: MONAI's UNet with four "
+            f"stride-2 levels needs sizes divisible by {UNET_DIVISOR}"
+        )
     n_channels = len(dataset.channel_names)
 
     loader = DataLoader(
