@@ -153,6 +153,10 @@ class AugmentConfig:
         contrast_prob: probability of a contrast change (0.75..1.25 around the mean).
         gamma_prob: probability of a gamma change (0.7..1.5) on the rescaled intensities.
         noise_prob: probability of additive Gaussian noise (std up to 0.1).
+        channel_dropout_prob: probability of each input channel being set to 0 (its
+            normalised brain mean: a missing modality) in a patch, at least one channel kept;
+            0 (the default) is off and draws nothing, and a one-channel dataset is never
+            touched. Meant to stop a multi-modal network leaning on one channel.
     """
 
     enabled: bool = True
@@ -164,10 +168,12 @@ class AugmentConfig:
     contrast_prob: float = 0.15
     gamma_prob: float = 0.15
     noise_prob: float = 0.1
+    channel_dropout_prob: float = 0.0
 
     def __post_init__(self) -> None:
         probs = (self.flip_prob, self.rotate_scale_prob, self.brightness_prob,
-                 self.contrast_prob, self.gamma_prob, self.noise_prob)  # fmt: skip
+                 self.contrast_prob, self.gamma_prob, self.noise_prob,
+                 self.channel_dropout_prob)  # fmt: skip
         if any(not 0.0 <= p <= 1.0 for p in probs):
             raise ConfigError("augment probabilities must be in [0, 1]")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:

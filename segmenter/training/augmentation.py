@@ -2,8 +2,8 @@
 
 The recipe follows nnU-Net's default 3D pipeline, reduced to what pays off on a CPU budget:
 rotation + isotropic scaling (one trilinear ``grid_sample`` for image and label together),
-mirroring, Gaussian noise, multiplicative brightness, contrast and gamma. Probabilities and
-ranges come from :class:`segmenter.config.AugmentConfig`.
+mirroring, Gaussian noise, multiplicative brightness, contrast and gamma, and (off by default)
+channel dropout. Probabilities and ranges come from :class:`segmenter.config.AugmentConfig`.
 
 Layouts: ``image`` is a ``(C, X, Y, Z)`` float32 tensor, ``label`` a ``(1, X, Y, Z)`` tensor with
 values in {0, 1} (float32 on output). All randomness comes from an explicit
@@ -157,7 +157,7 @@ def apply_intensity(
     image: torch.Tensor, cfg: AugmentConfig, gen: np.random.Generator
 ) -> torch.Tensor:
     """Gaussian noise, brightness, contrast and gamma, each with its probability (per patch;
-    the factors are drawn per channel).
+    the factors are drawn per channel), then channel dropout.
 
     - noise: add N(0, sigma^2), sigma uniform in ``[0, 0.1]``;
     - brightness: multiply by a factor in ``[0.75, 1.25]``;
@@ -165,7 +165,10 @@ def apply_intensity(
       channel's previous range (nnU-Net's ``preserve_range``);
     - gamma: rescale the channel to [0, 1], raise to gamma (half the draws in ``[0.7, 1)``,
       half in ``[1, 1.5]``), map back to the channel's own [min, max] range, then restore its
-      mean and std (nnU-Net's ``retain_stats``), so the sign structure of z-scored data is kept.
+      mean and std (nnU-Net's ``retain_stats``), so the sign structure of z-scored data is kept;
+    - channel dropout (``channel_dropout_prob`` > 0, two or more channels): each channel set to
+      0 with that probability, at least one kept (not nnU-Net's; modality dropout as in
+      HeMIS, Havaei et al. 2016).
 
     Args:
         image: ``(C, X, Y, Z)`` float32 (not modified).
@@ -209,6 +212,12 @@ def apply_intensity(
             low = gen.random() < 0.5 and GAMMA_RANGE[0] < 1
             gamma = gen.uniform(GAMMA_RANGE[0], 1.0) if low else gen.uniform(1.0, GAMMA_RANGE[1])
             _gamma_(img[c], float(gamma))
+    if cfg.channel_dropout_prob > 0 and n_ch > 1:
+        dropped = gen.random(n_ch) < cfg.channel_dropout_prob
+        if dropped.all():
+            dropped[gen.integers(n_ch)] = False
+        if dropped.any():
+            writable()[torch.from_numpy(dropped)] = 0.0
     return image
 
 

@@ -176,3 +176,34 @@ def test_noise_is_additive_and_small() -> None:
     out = apply_intensity(image, cfg, np.random.default_rng(1))
     assert 0 < out.std().item() <= 0.1 * 1.05
     assert abs(out.mean().item()) < 0.01
+
+
+def test_channel_dropout_zeroes_whole_channels_and_keeps_one() -> None:
+    cfg = replace(NOTHING, channel_dropout_prob=0.5)
+    image = torch.randn(4, 6, 6, 6) + 3.0
+    dropped_counts = set()
+    for seed in range(64):
+        out = apply_intensity(image, cfg, np.random.default_rng(seed))
+        zero = [bool((out[c] == 0).all()) for c in range(4)]
+        kept = [bool(torch.equal(out[c], image[c])) for c in range(4)]
+        assert all(z != k for z, k in zip(zero, kept, strict=True))  # whole channels only
+        assert not all(zero)
+        dropped_counts.add(sum(zero))
+    assert dropped_counts == {0, 1, 2, 3}
+    always = replace(NOTHING, channel_dropout_prob=1.0)
+    out = apply_intensity(image, always, np.random.default_rng(0))
+    assert sum(bool((out[c] == 0).all()) for c in range(4)) == 3
+
+
+def test_channel_dropout_leaves_one_channel_data_and_the_default_stream_alone() -> None:
+    cfg = replace(NOTHING, channel_dropout_prob=1.0)
+    one = torch.randn(1, 6, 6, 6)
+    assert torch.equal(apply_intensity(one, cfg, np.random.default_rng(0)), one)
+    # off (the default) draws nothing beyond the four probability checks (noise, brightness,
+    # contrast, gamma), so the random stream of existing configs is unchanged
+    gen_a, gen_b = np.random.default_rng(5), np.random.default_rng(5)
+    apply_intensity(torch.randn(2, 6, 6, 6), NOTHING, gen_a)
+    gen_b.random(4)
+    assert gen_a.random() == gen_b.random()
+    with pytest.raises(ValueError, match="augment probabilities"):
+        AugmentConfig(channel_dropout_prob=1.5)
