@@ -16,8 +16,11 @@ nnU-Net does. :func:`augment` on a patch alone reads zeros (padding) where the r
 leaves its input. The label is resampled linearly and thresholded at 0.5, so a lesion of
 1-voxel radius survives a rotation (nearest-neighbour sampling can drop it).
 
-Rotation and scaling act in voxel space, which suits (near) isotropic voxels; for strongly
-anisotropic data a later plan step may restrict rotation to the in-plane axes.
+Rotation and scaling act in voxel space, which suits (near) isotropic voxels. For thick-slice
+patches (:func:`thick_axis`: the longest patch axis over 3x the shortest, nnU-Net's
+``ANISO_THRESHOLD`` rule for its "dummy 2D" augmentation) the rotation turns about the thick
+axis only and the scaling acts in-plane only: a tilt out of the slice plane would mix slices
+7 mm apart as if they were 0.5 mm apart, and read mostly padding from a 16-slice volume.
 """
 
 from __future__ import annotations
@@ -40,6 +43,17 @@ GAMMA_RANGE = (0.7, 1.5)
 NOISE_STD_MAX = 0.1
 #: Linear label values at or above this are foreground after resampling.
 LABEL_THRESHOLD = 0.5
+#: A patch whose longest axis is more than this many times its shortest is thick-slice data:
+#: spatial augmentation stays in-plane (nnU-Net's ``ANISO_THRESHOLD``).
+ANISO_THRESHOLD = 3.0
+
+
+def thick_axis(patch_size: Sequence[int]) -> int | None:
+    """The patch's thick (shortest) axis when its longest axis is over :data:`ANISO_THRESHOLD`
+    times it (a thick-slice plan: 160x160x12 gives 2), else None."""
+    size = [int(s) for s in patch_size]
+    short = int(np.argmin(size))
+    return short if max(size) > ANISO_THRESHOLD * size[short] else None
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,9 @@ class SpatialParams:
     flips: tuple[bool, bool, bool]
 
 
-def sample_spatial(cfg: AugmentConfig, gen: np.random.Generator) -> SpatialParams:
+def sample_spatial(
+    cfg: AugmentConfig, gen: np.random.Generator, *, in_plane_of: int | None = None
+) -> SpatialParams:
     """Draw flips and, with probability ``rotate_scale_prob``, a rotation + isotropic scaling.
 
     Angles are uniform in ``[-rotation_deg, rotation_deg]`` per axis and the scale factor
@@ -65,6 +81,8 @@ def sample_spatial(cfg: AugmentConfig, gen: np.random.Generator) -> SpatialParam
     Args:
         cfg: augmentation settings; with ``enabled`` False nothing is drawn.
         gen: random generator.
+        in_plane_of: a thick axis (:func:`thick_axis`): the rotation turns about it only and
+            the scaling leaves it alone (the same draws, so the stream does not change).
 
     Returns:
         The :class:`SpatialParams`.
@@ -76,7 +94,14 @@ def sample_spatial(cfg: AugmentConfig, gen: np.random.Generator) -> SpatialParam
         limit = math.radians(cfg.rotation_deg)
         angles = gen.uniform(-limit, limit, size=3)
         scale = gen.uniform(cfg.scale_range[0], cfg.scale_range[1])
-        matrix = rotation_matrix(angles) / scale
+        if in_plane_of is None:
+            matrix = rotation_matrix(angles) / scale
+        else:
+            about = np.zeros(3)
+            about[in_plane_of] = angles[in_plane_of]
+            shrink = np.full(3, 1.0 / scale)
+            shrink[in_plane_of] = 1.0
+            matrix = rotation_matrix(about) @ np.diag(shrink)
     flips = tuple(bool(f) for f in gen.random(3) < cfg.flip_prob)
     return SpatialParams(matrix, flips)  # type: ignore[arg-type]
 
@@ -267,10 +292,12 @@ __all__ = [
     "GAMMA_RANGE",
     "LABEL_THRESHOLD",
     "NOISE_STD_MAX",
+    "ANISO_THRESHOLD",
     "SpatialParams",
     "apply_intensity",
     "apply_spatial",
     "augment",
     "sample_spatial",
     "source_shape",
+    "thick_axis",
 ]

@@ -15,7 +15,8 @@ DataLoader batches them (each worker builds whole batches). Per sample:
 4. augmentation (:mod:`segmenter.training.augmentation`): the spatial transform is drawn
    first and the larger source region it needs is cropped, so rotation brings no empty
    corners except beyond the volume's edge (zeros there, like the background of a z-scored
-   case).
+   case); a thick-slice patch (``augmentation.thick_axis``) is rotated and scaled in-plane
+   only.
 
 Foreground voxels are indexed once at construction: per case, one int32/int64 array of flat
 voxel indices sorted by lesion, plus lesion offsets (CSR layout; a few bytes per lesion voxel).
@@ -56,6 +57,7 @@ from segmenter.training.augmentation import (
     apply_spatial,
     sample_spatial,
     source_shape,
+    thick_axis,
 )
 
 if TYPE_CHECKING:  # same layer: only for annotations
@@ -186,6 +188,8 @@ class PatchDataset(IterableDataset):
         self.epoch = 0
         self._iterations = 0
         self.lesions = [LesionIndex.build(c.label) for c in self.cases]  # type: ignore[arg-type]
+        #: the thick axis of a thick-slice patch (spatial augmentation stays in-plane), or None
+        self.thick_axis = thick_axis(self.patch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Mix ``epoch`` into the seed of iterators started after this call (in this process:
@@ -232,7 +236,7 @@ class PatchDataset(IterableDataset):
         """
         loc = self.sample_location(gen)
         case = self.cases[loc.case]
-        params = sample_spatial(self.augment, gen)
+        params = sample_spatial(self.augment, gen, in_plane_of=self.thick_axis)
         src = source_shape(params, self.patch_size)
         lo = [a - (s - p) // 2 for a, s, p in zip(loc.lo, src, self.patch_size, strict=True)]
         image = torch.from_numpy(_crop_padded(case.image, lo, src))

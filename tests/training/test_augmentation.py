@@ -14,6 +14,7 @@ from segmenter.training.augmentation import (
     augment,
     sample_spatial,
     source_shape,
+    thick_axis,
 )
 
 NOTHING = AugmentConfig(
@@ -207,3 +208,29 @@ def test_channel_dropout_leaves_one_channel_data_and_the_default_stream_alone() 
     assert gen_a.random() == gen_b.random()
     with pytest.raises(ValueError, match="augment probabilities"):
         AugmentConfig(channel_dropout_prob=1.5)
+
+
+def test_thick_axis_follows_nnunets_anisotropy_threshold() -> None:
+    assert thick_axis((160, 160, 12)) == 2
+    assert thick_axis((12, 160, 160)) == 0
+    assert thick_axis((64, 64, 64)) is None
+    assert thick_axis((96, 96, 32)) is None  # 3x exactly is not over the threshold
+
+
+def test_thick_slice_rotation_turns_about_the_thick_axis_and_scales_in_plane() -> None:
+    cfg = replace(NOTHING, rotate_scale_prob=1.0, rotation_deg=30.0, scale_range=(0.8, 1.2))
+    for seed in range(20):
+        iso = sample_spatial(cfg, np.random.default_rng(seed))
+        flat = sample_spatial(cfg, np.random.default_rng(seed), in_plane_of=2)
+        assert iso.matrix is not None and flat.matrix is not None
+        m = flat.matrix
+        assert np.allclose(m[2], [0, 0, 1]) and np.allclose(m[:, 2], [0, 0, 1])
+        # in-plane: a rotation times one scale factor, the same as the isotropic draw's
+        in_plane = m[:2, :2]
+        assert np.allclose(in_plane @ in_plane.T, np.eye(2) * np.linalg.det(in_plane))
+        assert np.isclose(
+            abs(np.linalg.det(in_plane)) ** 0.5, abs(np.linalg.det(iso.matrix)) ** (1 / 3)
+        )
+        assert flat.flips == iso.flips  # the same draws: flips unchanged
+        # the source region needs no margin along the thick axis beyond interpolation's
+        assert source_shape(flat, (40, 40, 6))[2] == 6 + 2

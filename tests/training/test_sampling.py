@@ -229,3 +229,26 @@ def test_rejects_unlabelled_cases_and_bad_arguments() -> None:
         PatchDataset([case], (8, 8, 8), foreground_fraction=1.5)
     with pytest.raises(ValueError, match="sampling"):
         PatchDataset([case], (8, 8, 8), sampling="voxel")  # type: ignore[arg-type]
+
+
+def test_thick_slice_patches_rotate_in_plane_and_keep_their_slices() -> None:
+    label = np.zeros((48, 48, 6), dtype=np.uint8)
+    label[20:28, 20:28, 2:4] = 1
+    case = make_case(label, channels=1)
+    bright = np.zeros((48, 48, 6), np.float32)
+    bright[:, :, 3] = 1e6  # one slice far brighter than the ramp: where does it go?
+    case = PreprocessedCase(
+        "thick", case.image + bright, case.label, case.box, case.affine, (0.5, 0.5, 7.0),
+        case.original_shape,
+    )  # fmt: skip
+    aug = AugmentConfig(rotate_scale_prob=1.0, flip_prob=0.0, brightness_prob=0.0,
+                        contrast_prob=0.0, gamma_prob=0.0, noise_prob=0.0)  # fmt: skip
+    ds = PatchDataset([case], (40, 40, 6), augment=aug, foreground_fraction=1.0)
+    assert ds.thick_axis == 2
+    gen = np.random.default_rng(1)
+    for _ in range(10):
+        img = ds.sample(gen)["image"][0]
+        inside = img[8:32, 8:32]  # away from the rotated patch's padded corners
+        assert bool((inside[:, :, 3] > 5e5).all()) and bool((inside[:, :, [2, 4]] < 5e5).all())
+    iso = PatchDataset([make_case(cube_label())], (32, 32, 32), augment=aug)
+    assert iso.thick_axis is None
