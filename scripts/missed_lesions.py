@@ -72,10 +72,11 @@ def case_lesions(rep: Path, case_id: str, status: list[tuple[np.ndarray, bool]])
     """
     cfg = load_config(rep / "config.yaml")
     rule = metrics.PRESETS[cfg.evaluation.preset]
-    ending = load_dataset(cfg.data.dataset).file_ending
+    dataset = load_dataset(cfg.data.dataset)
+    ending = dataset.file_ending
     ref = read_image(rep / "reference" / f"{case_id}{ending}")
     prob = read_image(rep / "predictions" / PROBABILITY_FOLDER / f"{case_id}{ending}").array
-    by_id = {c.case_id: c for c in load_dataset(cfg.data.dataset).training}
+    by_id = {c.case_id: c for c in dataset.training}
     images = np.stack([read_image(p).array for p in by_id[case_id].images]).astype(np.float32)
     z, _ = normalise(images, cfg.data.clip_percentiles, cfg.data.normalization)
     labels, n = label_components(ref.array > 0, connectivity=rule.connectivity)
