@@ -27,6 +27,7 @@ import numpy as np
 
 from segmenter.config import load_config
 from segmenter.data.layout import load_dataset
+from segmenter.errors import InputError
 from segmenter.evaluation import metrics
 from segmenter.evaluation.components import label_components
 from segmenter.inference.predict import PROBABILITY_FOLDER
@@ -82,8 +83,9 @@ def case_lesions(rep: Path, case_id: str, status: list[tuple[np.ndarray, bool]])
     labels, n = label_components(ref.array > 0, connectivity=rule.connectivity)
     voxel_mm3 = float(np.prod(ref.spacing))
     if n != len(status):
-        raise SystemExit(
-            f"error: {rep}: {case_id} has {n} reference lesions, lesions.csv {len(status)}"
+        raise InputError(
+            f"{rep}: {case_id} has {n} reference lesions, its lesions.csv {len(status)} "
+            f"(written under another lesion rule?)"
         )
     out = []
     flat = labels.ravel()
@@ -103,7 +105,7 @@ def case_lesions(rep: Path, case_id: str, status: list[tuple[np.ndarray, bool]])
 
 
 def replicate_lesions(rep: Path) -> list[Lesion]:
-    """Every reference lesion of every held-out case of ``rep`` (``lesions.csv`` order)."""
+    """Every reference lesion of every held-out case of ``rep``, case by case."""
     status: dict[str, list[tuple[np.ndarray, bool]]] = {}
     with (rep / "evaluation" / "lesions.csv").open(newline="") as f:
         for row in csv.DictReader(f):
@@ -143,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.folder}: no replicate with evaluation/lesions.csv", file=sys.stderr)
         return 2
     for name, folders in reps.items():
-        cfg = load_config(folders[0] / "config.yaml")
-        channels = list(load_dataset(cfg.data.dataset).channel_names.values())
-        lesions = [les for rep in folders for les in replicate_lesions(rep)]
+        try:
+            cfg = load_config(folders[0] / "config.yaml")
+            channels = list(load_dataset(cfg.data.dataset).channel_names.values())
+            lesions = [les for rep in folders for les in replicate_lesions(rep)]
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"variant {name}: {len(folders)} replicate(s), {len(lesions)} reference lesions, "
               f"rule {cfg.evaluation.preset}")  # fmt: skip
         if args.lesions:

@@ -59,3 +59,16 @@ def test_a_folder_without_lesion_tables_is_refused(
     module = load_script("missed_lesions")
     assert module.main([str(tmp_path)]) == 2
     assert "no replicate with evaluation/lesions.csv" in capsys.readouterr().err
+
+
+def test_a_lesion_table_that_does_not_match_the_reference_is_an_input_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = load_script("missed_lesions")
+    rep, n = _replicate(tmp_path)
+    table = rep / "evaluation" / "lesions.csv"
+    lines = table.read_text().splitlines()
+    first_ref = next(i for i, line in enumerate(lines) if ",ref," in line)
+    table.write_text("\n".join(lines[:first_ref] + lines[first_ref + 1 :]) + "\n")
+    assert module.main([str(rep)]) == 2
+    assert f"has {n} reference lesions, its lesions.csv {n - 1}" in capsys.readouterr().err
