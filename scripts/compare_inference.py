@@ -21,8 +21,12 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from segmenter.inference.predictor import Predictor
 
 
 def settings(overlaps: list[float], mirrorings: list[str]) -> list[tuple[float, str]]:
@@ -30,7 +34,9 @@ def settings(overlaps: list[float], mirrorings: list[str]) -> list[tuple[float, 
     return [(o, m) for o in overlaps for m in mirrorings]
 
 
-def infer(predictor, image: np.ndarray, overlap: float, mirroring: str):  # noqa: ANN001, ANN201
+def infer(
+    predictor: Predictor, image: np.ndarray, overlap: float, mirroring: str
+) -> tuple[float, np.ndarray]:
     """Seconds and foreground probabilities of one setting."""
     from segmenter.inference.sliding_window import foreground_probability, predict_logits
 

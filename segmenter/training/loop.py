@@ -79,7 +79,7 @@ from segmenter.preprocessing.spec import PreprocessingSpec
 from segmenter.training import validation
 from segmenter.training.sampling import make_loader
 from segmenter.training.schedule import build_optimizer, lr_factor
-from segmenter.training.state import TrainState, history_csv, moving_average
+from segmenter.training.state import TrainState, history_csv, moving_average, seed_step
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +424,7 @@ def _train_epoch(
         lr = t.lr * lr_factor(t, progress, state.step, t.warmup_epochs * t.iterations_per_epoch)
         for group in session.step.optimizer.param_groups:
             group["lr"] = lr
+        seed_step(t.seed, session.dist.rank, state.step)
         loss = session.step(batch)
         part.losses.append(loss)
         part.steps, part.lr = part.steps + 1, lr

@@ -3,7 +3,10 @@
 :class:`TrainState` is written into every checkpoint beside the model's and optimiser's
 ``state_dict`` (the checkpoint keys of :mod:`segmenter.nn.checkpoint`) and read back by
 ``--resume``, which then continues exactly: same step, elapsed budget, best checkpoint and
-moving average, history rows and torch RNG state.
+moving average, history rows and torch RNG state. What the network itself draws in a step
+(dropout) does not depend on that state: :func:`seed_step` seeds it from the run's seed, the
+rank and the step, so every data-parallel rank draws its own masks and a resumed run, on any
+rank, draws the masks it would have drawn.
 
 A checkpoint saved inside an epoch (a stop request after an optimiser step,
 :mod:`segmenter.interrupts`) also holds that epoch's :class:`EpochProgress`: the steps done and
@@ -20,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from segmenter.config import Config, config_to_dict
@@ -149,6 +153,13 @@ class TrainState:
             history=[dict(h) for h in state["history"]],
             progress=EpochProgress.from_json(state.get("epoch_progress")),
         )
+
+
+def seed_step(seed: int, rank: int, step: int) -> None:
+    """Seed torch's global generators (the CPU's and CUDA's, which dropout draws from) for
+    optimiser step ``step`` (counted over the run) on data-parallel rank ``rank``."""
+    mixed = np.random.SeedSequence([seed % 2**64, rank, step]).generate_state(1, np.uint64)[0]
+    torch.manual_seed(int(mixed))
 
 
 def moving_average(previous: float | None, value: float) -> float | None:

@@ -72,6 +72,37 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     assert len(rows) == 4  # header + the three epochs, across the interruption
 
 
+def test_dropout_masks_follow_the_seed_the_rank_and_the_step_alone(
+    tiny_config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # whatever else draws from torch's global generator between the steps, the masks stay
+    # (so a resumed rank, or one of several, draws what it would have drawn)
+    from segmenter.training import loop
+
+    cfg = load_config(tiny_config_file, ["train.epochs=2", "model.dropout=0.3"])
+    fit(cfg, tmp_path / "plain", progress=False)
+    seeded: list[tuple[int, int, int]] = []
+    original_seed, original_step = loop.seed_step, loop.TrainStep.__call__
+
+    def recording_seed(seed: int, rank: int, step: int) -> None:
+        seeded.append((seed, rank, step))
+        original_seed(seed, rank, step)
+
+    def disturbed_step(self: loop.TrainStep, batch: dict[str, torch.Tensor]) -> float:
+        loss = original_step(self, batch)
+        torch.rand(7)  # were the next masks drawn from the running global state, they would shift
+        return loss
+
+    monkeypatch.setattr(loop, "seed_step", recording_seed)
+    monkeypatch.setattr(loop.TrainStep, "__call__", disturbed_step)
+    fit(cfg, tmp_path / "disturbed", progress=False)
+    assert seeded == [(cfg.train.seed, 0, k) for k in range(len(seeded))] and len(seeded) == 4
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "disturbed" / "checkpoints" / "last.pt", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+
+
 def test_the_split_follows_the_stored_labels_not_the_preprocessed_ones(phantoms: Path) -> None:
     cfg = load_config(Path("configs/default.yaml"), [f"data.dataset={phantoms}"])
     dataset = load_dataset(phantoms)

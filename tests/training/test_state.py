@@ -22,6 +22,7 @@ from segmenter.training.state import (
     TrainState,
     history_csv,
     moving_average,
+    seed_step,
 )
 
 NAN = float("nan")
@@ -141,3 +142,15 @@ def test_history_csv_leaves_nan_and_missing_cells_empty() -> None:
     assert rows[1]["step"] == "" and rows[1]["lr"] == "0.005"
     assert all(rows[1][k] == "" for k in HISTORY_KEYS if k not in ("epoch", "lr"))
     assert history_csv([]) == ",".join(HISTORY_KEYS) + "\n"
+
+
+def test_a_step_draws_its_dropout_masks_from_the_seed_the_rank_and_the_step() -> None:
+    def mask(seed: int, rank: int, step: int) -> torch.Tensor:
+        torch.manual_seed(123)  # whatever came before does not matter
+        seed_step(seed, rank, step)
+        return torch.nn.functional.dropout(torch.ones(4096), p=0.5) > 0
+
+    first = mask(0, 0, 5)
+    assert torch.equal(first, mask(0, 0, 5))
+    for other in (mask(0, 1, 5), mask(0, 0, 6), mask(1, 0, 5), mask(-1, 0, 5)):
+        assert not torch.equal(first, other)
