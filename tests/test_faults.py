@@ -103,12 +103,13 @@ def test_a_stop_signal_saves_the_progress_at_a_safe_point_and_resume_ends_as_wit
     run = tmp_path / "run"
     argv = ["train", "--config", str(config_for(tmp_path, *settings)), "--out", str(run)]
     name = signal.Signals(code - 128).name
+    sigint = signal.getsignal(signal.SIGINT)  # ignored when the tests were started in background
     assert run_with_faults(monkeypatch, faults, argv) == code
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"stopped by {name} {where}; progress saved in {run}/checkpoints/last.pt; "
         f"resume with: segmenter train --resume --out {run}"
     )
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is sigint  # handlers restored
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     saved = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert (
